@@ -1,0 +1,140 @@
+//! The application: build it from a [`Config`], serve until a stop signal, shut down in order.
+//!
+//! Shutdown order: readiness turns 503 → the listener stops accepting → every session is
+//! closed with 1001 (its consumer cancelled, its queue deleted) → wait for them, bounded →
+//! close the broker connections → return.
+
+use std::{
+    future::Future,
+    io,
+    net::{Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+};
+
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+
+use crate::{
+    bus::{Bus, BusError},
+    chat::Envelope,
+    config::Config,
+    http,
+    metrics::Metrics,
+};
+
+/// What every handler can reach. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub bus: Bus,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the process starts shutting down: sessions close on it.
+    pub shutdown: CancellationToken,
+    /// Every WebSocket session task, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    /// `?v=` of the page's asset URLs: changes with every build, so browsers never mix an old
+    /// script with a new page.
+    pub asset_version: Arc<str>,
+    draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Publishes on the bus, counting the outcome.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
+        let result = self.bus.publish(envelope).await;
+        let counter = if result.is_ok() { &self.metrics.published } else { &self.metrics.publish_failures };
+        counter.fetch_add(1, Relaxed);
+        result
+    }
+}
+
+/// A bound, not yet serving, application.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    /// Cancelled only after the sessions are gone, so consumers are cancelled before their
+    /// connections close.
+    bus_shutdown: CancellationToken,
+}
+
+impl Application {
+    /// Binds `0.0.0.0:$PORT` (port 0 picks a free port, as tests do) and starts the bus.
+    pub async fn build(config: Config) -> io::Result<Self> {
+        Self::build_on(config, Ipv4Addr::UNSPECIFIED.into()).await
+    }
+
+    /// As [`Application::build`], on a given interface (tests use loopback).
+    pub async fn build_on(config: Config, ip: std::net::IpAddr) -> io::Result<Self> {
+        let listener = TcpListener::bind(SocketAddr::new(ip, config.port)).await?;
+        let metrics = Arc::new(Metrics::default());
+        let bus_shutdown = CancellationToken::new();
+        if config.rabbitmq.is_none() {
+            tracing::warn!(
+                "SINGLE-PROCESS MODE: NOTIFIER_RABBITMQ_HOST is not set, so the embedded in-process bus \
+                 is in use. Only sessions on this process see each other; do not run several replicas \
+                 like this. Set NOTIFIER_RABBITMQ_HOST to use RabbitMQ."
+            );
+        }
+        let bus = Bus::start(&config, metrics.clone(), bus_shutdown.clone());
+        let state = AppState {
+            asset_version: format!("{}-{}", env!("CARGO_PKG_VERSION"), std::process::id()).into(),
+            config: Arc::new(config),
+            bus,
+            metrics,
+            shutdown: CancellationToken::new(),
+            sessions: TaskTracker::new(),
+            draining: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Self { listener, state, bus_shutdown })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `stop` resolves, then shuts down in order (see the module docs).
+    pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
+        let Self { listener, state, bus_shutdown } = self;
+        let shutdown = state.shutdown.clone();
+        let draining = state.draining.clone();
+        let sessions = state.sessions.clone();
+        let bus = state.bus.clone();
+        let grace = state.config.shutdown_timeout;
+        tracing::info!(addr = %listener.local_addr()?, mode = state.config.mode(), replica = %state.config.replica, "listening");
+
+        let stopping = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stop => tracing::info!("stop signal received; shutting down"),
+                () = stopping.cancelled() => {}
+            }
+            draining.store(true, Relaxed);
+            stopping.cancel();
+        });
+
+        let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        tokio::select! {
+            result = server => result?,
+            // Open HTTP requests (a publish waiting for its confirm) get the grace period.
+            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("HTTP connections still open after the grace period; closing them");
+            }
+        }
+
+        sessions.close();
+        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
+            tracing::warn!(open = sessions.len(), "sessions still closing after the grace period");
+        }
+        bus_shutdown.cancel();
+        bus.close().await;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}

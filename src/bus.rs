@@ -1,0 +1,149 @@
+//! The message bus: where chat messages are published and read back.
+//!
+//! Two backends, chosen once at start from the configuration: RabbitMQ (a fanout exchange;
+//! each subscription binds its own exclusive queue) and the embedded in-process bus (a tokio
+//! broadcast, for zero-setup local runs). Both sit behind [`Bus`], and every caller matches
+//! neither: it publishes [`Envelope`]s and reads [`Event`]s.
+
+mod memory;
+mod rabbit;
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+pub use memory::MemoryBus;
+pub use rabbit::RabbitBus;
+
+use crate::{chat::Envelope, config::Config, metrics::Metrics};
+
+/// Where chat messages go. Cheap to clone.
+#[derive(Clone)]
+pub enum Bus {
+    /// This process only: zero-setup local runs.
+    Memory(MemoryBus),
+    /// A RabbitMQ fanout exchange; each subscription binds its own exclusive queue.
+    Rabbit(RabbitBus),
+}
+
+/// Why the bus could not do what was asked. Each maps to `503`: the client may retry.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BusError {
+    #[error("the message broker is not available: {0}")]
+    Unavailable(String),
+    #[error("the message broker refused the message")]
+    Nacked,
+    #[error("the message broker did not confirm the message within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("the message broker failed: {0}")]
+    Broker(String),
+}
+
+/// One message frame, ready to write to a WebSocket: envelope JSON, valid UTF-8.
+#[derive(Clone, Debug)]
+pub struct Frame(Bytes);
+
+impl Frame {
+    pub fn into_bytes(self) -> Bytes {
+        self.0
+    }
+}
+
+impl From<String> for Frame {
+    fn from(json: String) -> Self {
+        Self(Bytes::from(json))
+    }
+}
+
+/// What a subscription yields, in order.
+pub enum Event {
+    /// A message for the browser; acknowledge it once its frame is written.
+    Message(Frame, Option<Ack>),
+    /// This many messages were dropped because the session fell behind.
+    Gap(u64),
+    /// Delivery stopped (broker link or channel lost); the subscription is being restored.
+    Interrupted(String),
+    /// Delivery is back after an interruption.
+    Restored,
+}
+
+/// The acknowledgement of one RabbitMQ delivery.
+pub struct Ack(lapin::Acker);
+
+impl Ack {
+    /// Tells the broker the message reached the browser's socket.
+    pub async fn send(self) {
+        if let Err(e) = self.0.ack(lapin::options::BasicAckOptions::default()).await {
+            // The channel died under us: the delivery will not be redelivered to this
+            // session (its queue goes with the channel), and the subscription recovers.
+            tracing::debug!(error = %e, "ack failed");
+        }
+    }
+}
+
+/// Whether the bus can take publishes now.
+pub type Readiness = Result<(), String>;
+
+impl Bus {
+    /// Builds the bus the configuration selects. For RabbitMQ this returns at once and connects
+    /// in the background: an unreachable broker makes the process not-ready, never stops it.
+    pub fn start(config: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+        match &config.rabbitmq {
+            None => Self::Memory(MemoryBus::new(config.memory_capacity, metrics)),
+            Some(rabbit) => {
+                Self::Rabbit(RabbitBus::start(rabbit.clone(), config.replica.clone(), metrics, shutdown))
+            }
+        }
+    }
+
+    /// Publishes one message. Returns once the bus has it for good (broker confirm).
+    pub async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
+        match self {
+            Self::Memory(bus) => bus.publish(envelope),
+            Self::Rabbit(bus) => bus.publish(envelope).await,
+        }
+    }
+
+    /// Starts receiving every message published from now on. When this returns, the session
+    /// is bound: a message published after it is delivered to it.
+    pub async fn subscribe(&self, session: &str) -> Result<Subscription, BusError> {
+        match self {
+            Self::Memory(bus) => Ok(Subscription::Memory(bus.subscribe())),
+            Self::Rabbit(bus) => bus.subscribe(session).await.map(Subscription::Rabbit),
+        }
+    }
+
+    /// `Ok` when a publish can succeed now, else why not.
+    pub fn readiness(&self) -> Readiness {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Rabbit(bus) => bus.readiness(),
+        }
+    }
+
+    /// Closes broker connections after the shutdown token was cancelled.
+    pub async fn close(&self) {
+        match self {
+            Self::Memory(_) => {}
+            Self::Rabbit(bus) => bus.close().await,
+        }
+    }
+}
+
+/// One session's stream of [`Event`]s. Dropping it unbinds the session (its queue goes away).
+pub enum Subscription {
+    Memory(memory::MemorySubscription),
+    Rabbit(rabbit::RabbitSubscription),
+}
+
+impl Subscription {
+    /// The next event. Cancel-safe: it may be dropped inside `select!` without losing one.
+    /// `None` means the bus shut down.
+    pub async fn next(&mut self) -> Option<Event> {
+        match self {
+            Self::Memory(sub) => sub.next().await,
+            Self::Rabbit(sub) => sub.next().await,
+        }
+    }
+}

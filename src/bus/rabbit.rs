@@ -1,0 +1,617 @@
+//! The RabbitMQ backend: a durable fanout exchange, and one exclusive queue per session.
+//!
+//! A supervisor task owns the broker *link*: one connection for publishing (confirm mode) and
+//! a few for consuming, so that flow control on the publishing side never stalls delivery.
+//! It connects with capped exponential backoff and jitter, declares the exchange, publishes
+//! the link for everyone to use, and starts over when any of its connections fails.
+//!
+//! Session consumers share channels (`sessions_per_channel` each, `channels_per_connection`
+//! per connection): RabbitMQ allows 2047 channels per connection by default and recommends far
+//! fewer, while a process must hold thousands of sessions. Each channel has a per-consumer
+//! prefetch, which bounds both the unacknowledged messages in the broker and lapin's buffer.
+//! A channel error ends every consumer on that channel; each affected session then re-creates
+//! its own queue and consumer, as it does after a lost connection.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use futures_util::{StreamExt, stream::select_all};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind,
+    ExchangeKind,
+    options::{
+        BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
+        ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    },
+    protocol::{AMQPErrorKind, AMQPSoftError},
+    types::{AMQPValue, FieldTable, ShortString},
+    uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo},
+};
+use tokio::{
+    sync::{Mutex, Notify, watch},
+    task::JoinHandle,
+};
+use tokio_util::sync::CancellationToken;
+
+use super::{Ack, BusError, Event, Frame, Readiness};
+use crate::{
+    chat::{Decoded, Envelope, ForeignProperties},
+    config::RabbitConfig,
+    metrics::Metrics,
+};
+
+/// First reconnect delay; doubled per failed attempt up to `reconnect_max`.
+const RECONNECT_BASE: Duration = Duration::from_millis(250);
+/// Heartbeat asked of the broker: a dead TCP peer is noticed within about twice this.
+const HEARTBEAT_SECS: u16 = 15;
+/// How long to wait for the TCP + AMQP handshake before trying again.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a clean close of a connection may take at shutdown.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A handle on the RabbitMQ bus. Cheap to clone.
+#[derive(Clone)]
+pub struct RabbitBus(Arc<Shared>);
+
+struct Shared {
+    config: RabbitConfig,
+    replica: String,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+    link: watch::Receiver<LinkState>,
+    supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
+}
+
+#[derive(Clone)]
+enum LinkState {
+    /// Not connected (yet, or again); the reason is what `/readyz` reports.
+    Down(String),
+    Up(Arc<Link>),
+    Closed,
+}
+
+/// One generation of broker connections and what was declared on them.
+struct Link {
+    generation: u64,
+    publisher: Channel,
+    connections: Vec<Connection>,
+    /// Consumer channels and how many sessions each carries.
+    pool: Mutex<Vec<Arc<Slot>>>,
+    /// Notified by whoever finds the link broken in a way the connections do not report
+    /// (the publishing channel closed by a channel error).
+    broken: Notify,
+}
+
+/// A consumer channel and its share of sessions.
+struct Slot {
+    channel: Channel,
+    /// Index in `Link::connections` (consumer connections start at 1).
+    connection: usize,
+    sessions: AtomicUsize,
+}
+
+/// Holds one session's place on a [`Slot`]; gives it back when dropped.
+struct SlotLease(Arc<Slot>);
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Relaxed);
+    }
+}
+
+impl RabbitBus {
+    /// Spawns the supervisor and returns at once; see [`super::Bus::start`].
+    pub fn start(
+        config: RabbitConfig,
+        replica: String,
+        metrics: Arc<Metrics>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        let (sender, link) = watch::channel(LinkState::Down("connecting to the broker".into()));
+        let shared = Arc::new(Shared {
+            config,
+            replica,
+            metrics,
+            shutdown,
+            link,
+            supervisor: std::sync::Mutex::new(None),
+        });
+        let handle = tokio::spawn(supervise(shared.clone(), sender));
+        if let Ok(mut slot) = shared.supervisor.lock() {
+            *slot = Some(handle);
+        }
+        Self(shared)
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        match &*self.0.link.borrow() {
+            LinkState::Up(_) => Ok(()),
+            LinkState::Down(reason) => Err(reason.clone()),
+            LinkState::Closed => Err("shutting down".into()),
+        }
+    }
+
+    fn current_link(&self) -> Result<Arc<Link>, BusError> {
+        match &*self.0.link.borrow() {
+            LinkState::Up(link) => Ok(link.clone()),
+            LinkState::Down(reason) => Err(BusError::Unavailable(reason.clone())),
+            LinkState::Closed => Err(BusError::Unavailable("shutting down".into())),
+        }
+    }
+
+    pub async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
+        let link = self.current_link()?;
+        let config = &self.0.config;
+        let properties = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_message_id(envelope.id.as_str().into())
+            .with_timestamp(unix_now())
+            .with_app_id("fanout-chat".into())
+            // Persistent, for the durable queues other services may bind; the sessions'
+            // own queues are transient and ignore it.
+            .with_delivery_mode(2);
+        let body = envelope.to_json();
+        let started = Instant::now();
+        let confirmed = tokio::time::timeout(config.publish_timeout, async {
+            link.publisher
+                .basic_publish(
+                    config.exchange.as_str().into(),
+                    ShortString::from(""),
+                    BasicPublishOptions::default(),
+                    body.as_bytes(),
+                    properties,
+                )
+                .await?
+                .await
+        })
+        .await;
+        let result = match confirmed {
+            Ok(Ok(Confirmation::Ack(_))) => Ok(()),
+            Ok(Ok(Confirmation::Nack(_))) => Err(BusError::Nacked),
+            Ok(Ok(Confirmation::NotRequested)) => Err(BusError::Broker("publisher confirms are off".into())),
+            Ok(Err(e)) => {
+                if !link.publisher.status().connected() {
+                    // The channel is gone (a channel error): nothing more can be published on
+                    // this link, so have the supervisor build a new one.
+                    link.broken.notify_one();
+                }
+                Err(BusError::Broker(e.to_string()))
+            }
+            Err(_) => Err(BusError::Timeout(config.publish_timeout)),
+        };
+        match &result {
+            Ok(()) => self.0.metrics.observe_publish(started.elapsed()),
+            Err(e) => tracing::warn!(error = %e, id = %envelope.id, "publish failed"),
+        }
+        result
+    }
+
+    /// Declares, binds and consumes the session's queue. The work runs in its own task, so a
+    /// caller that gives up (a browser that goes away mid-handshake) cannot leave a consumer
+    /// half made: the task finishes, and its result is dropped cleanly.
+    pub async fn subscribe(&self, session: &str) -> Result<RabbitSubscription, BusError> {
+        let link = self.current_link()?;
+        let queue = format!("fanout-chat.{}.{}", self.0.replica, session);
+        let bus = self.clone();
+        let name = queue.clone();
+        let active = tokio::spawn(async move { bus.attach(&link, &name).await })
+            .await
+            .map_err(|e| BusError::Broker(e.to_string()))?
+            .map_err(|e| BusError::Broker(e.to_string()))?;
+        Ok(RabbitSubscription {
+            bus: self.clone(),
+            queue,
+            state: State::Active(active),
+            cancel: self.0.shutdown.child_token(),
+        })
+    }
+
+    /// Puts the queue on a channel of `link` and starts consuming it.
+    async fn attach(&self, link: &Arc<Link>, queue: &str) -> Result<Active, lapin::Error> {
+        let config = &self.0.config;
+        let lease = self.lease_slot(link).await?;
+        let channel = &lease.0.channel;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length as i32));
+        arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+        channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+                arguments,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.into(),
+                config.exchange.as_str().into(),
+                ShortString::from(""),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        // An empty tag lets the broker name the consumer, so a retry never collides with a
+        // tag still registered from an attempt that failed half-way.
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Active { generation: link.generation, consumer, _lease: lease })
+    }
+
+    /// A consumer channel with room for one more session, opening one when all are full.
+    async fn lease_slot(&self, link: &Link) -> Result<SlotLease, lapin::Error> {
+        let config = &self.0.config;
+        let mut pool = link.pool.lock().await;
+        pool.retain(|slot| slot.channel.status().connected());
+        if let Some(slot) = pool
+            .iter()
+            .filter(|slot| slot.sessions.load(Relaxed) < config.sessions_per_channel)
+            .min_by_key(|slot| slot.sessions.load(Relaxed))
+        {
+            slot.sessions.fetch_add(1, Relaxed);
+            return Ok(SlotLease(slot.clone()));
+        }
+        // Open a channel on the least loaded consumer connection that has room.
+        let connection = (1..link.connections.len())
+            .filter(|&c| link.connections[c].status().connected())
+            .map(|c| (c, pool.iter().filter(|s| s.connection == c).count()))
+            .filter(|&(_, channels)| channels < config.channels_per_connection)
+            .min_by_key(|&(_, channels)| channels)
+            .map(|(c, _)| c)
+            .ok_or_else(|| lapin::Error::from(ErrorKind::ChannelsLimitReached))?;
+        let channel = link.connections[connection].create_channel().await?;
+        // Per consumer (global = false): each session may have `prefetch` unacknowledged
+        // deliveries. RabbitMQ 4 refuses global QoS.
+        channel.basic_qos(config.prefetch, BasicQosOptions { global: false }).await?;
+        let slot = Arc::new(Slot { channel, connection, sessions: AtomicUsize::new(1) });
+        pool.push(slot.clone());
+        Ok(SlotLease(slot))
+    }
+
+    /// Waits for a usable link newer than `seen` (or any, when `seen` is `None`).
+    /// `None` once the bus is closed.
+    async fn wait_for_link(&self, seen: Option<u64>) -> Option<Arc<Link>> {
+        let mut link = self.0.link.clone();
+        loop {
+            match &*link.borrow_and_update() {
+                LinkState::Up(l) if seen.is_none_or(|g| l.generation > g) => return Some(l.clone()),
+                LinkState::Closed => return None,
+                _ => {}
+            }
+            link.changed().await.ok()?;
+        }
+    }
+
+    pub async fn close(&self) {
+        let handle = self.0.supervisor.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Keeps the link up until shutdown.
+async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
+    let config = &shared.config;
+    let mut generation = 0;
+    let mut failures: u32 = 0;
+    let mut lost_at: Option<Instant> = None;
+    while !shared.shutdown.is_cancelled() {
+        generation += 1;
+        let connected = tokio::select! {
+            result = connect(&shared, generation) => result,
+            () = shared.shutdown.cancelled() => break,
+        };
+        match connected {
+            Ok(link) => {
+                failures = 0;
+                shared.metrics.broker_connects.fetch_add(1, Relaxed);
+                shared.metrics.broker_ready.store(1, Relaxed);
+                match lost_at.take() {
+                    Some(at) => {
+                        shared.metrics.broker_reconnects.fetch_add(1, Relaxed);
+                        tracing::info!(outage_ms = at.elapsed().as_millis() as u64, generation, "broker link restored");
+                    }
+                    None => tracing::info!(
+                        host = %config.host, port = config.port, exchange = %config.exchange,
+                        "connected to RabbitMQ"
+                    ),
+                }
+                state.send_replace(LinkState::Up(link.clone()));
+                let reason = tokio::select! {
+                    reason = link_lost(&link) => reason,
+                    () = shared.shutdown.cancelled() => {
+                        state.send_replace(LinkState::Closed);
+                        shared.metrics.broker_ready.store(0, Relaxed);
+                        close_link(&link).await;
+                        return;
+                    }
+                };
+                tracing::warn!(%reason, generation, "broker link lost; reconnecting");
+                shared.metrics.broker_disconnects.fetch_add(1, Relaxed);
+                shared.metrics.broker_ready.store(0, Relaxed);
+                lost_at = Some(Instant::now());
+                state.send_replace(LinkState::Down(format!("broker link lost: {reason}")));
+                close_link(&link).await;
+            }
+            Err(reason) => {
+                failures = failures.saturating_add(1);
+                tracing::warn!(%reason, attempt = failures, "cannot reach the broker; will retry");
+                state.send_replace(LinkState::Down(reason));
+            }
+        }
+        let delay = backoff(failures, config.reconnect_max);
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shared.shutdown.cancelled() => break,
+        }
+    }
+    state.send_replace(LinkState::Closed);
+    shared.metrics.broker_ready.store(0, Relaxed);
+}
+
+/// Full jitter: a random delay up to the capped exponential step.
+fn backoff(failures: u32, max: Duration) -> Duration {
+    let step = RECONNECT_BASE.saturating_mul(1 << failures.min(16)).min(max);
+    step.mul_f64(rand::random::<f64>().max(0.1))
+}
+
+/// Opens every connection of one link and declares what publishing needs.
+async fn connect(shared: &Shared, generation: u64) -> Result<Arc<Link>, String> {
+    let config = &shared.config;
+    let mut connections = Vec::with_capacity(config.consumer_connections + 1);
+    for index in 0..=config.consumer_connections {
+        let role = if index == 0 { "publish".to_owned() } else { format!("consume-{index}") };
+        let name = format!("fanout-chat {} {role}", shared.replica);
+        let connection = tokio::time::timeout(CONNECT_TIMEOUT, open_connection(config, name))
+            .await
+            .map_err(|_| format!("no answer from {}:{} within {CONNECT_TIMEOUT:?}", config.host, config.port))?
+            .map_err(|e| describe(config, &e))?;
+        connections.push(connection);
+    }
+    let publisher = connections[0].create_channel().await.map_err(|e| describe(config, &e))?;
+    declare_exchange(&connections[0], &publisher, &config.exchange)
+        .await
+        .map_err(|e| describe(config, &e))?;
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| describe(config, &e))?;
+    Ok(Arc::new(Link {
+        generation,
+        publisher,
+        connections,
+        pool: Mutex::new(Vec::new()),
+        broken: Notify::new(),
+    }))
+}
+
+async fn open_connection(config: &RabbitConfig, name: String) -> Result<Connection, lapin::Error> {
+    // The URI is built field by field: no percent-encoding pitfalls with credentials, and
+    // the vhost is taken literally ("/" is "/", not the empty vhost).
+    let uri = AMQPUri {
+        scheme: if config.tls { AMQPScheme::AMQPS } else { AMQPScheme::AMQP },
+        authority: AMQPAuthority {
+            userinfo: AMQPUserInfo {
+                username: config.user.clone(),
+                password: config.password.expose().to_owned(),
+            },
+            host: config.host.clone(),
+            port: config.port,
+        },
+        vhost: config.vhost.clone(),
+        query: AMQPQueryString { heartbeat: Some(HEARTBEAT_SECS), ..Default::default() },
+    };
+    let properties = ConnectionProperties::default().with_connection_name(name.into());
+    Connection::connect_uri(uri, properties).await
+}
+
+/// Declares the exchange durable. If one of that name exists with other properties, it is used
+/// as it is, with a warning: another team may own it, and refusing to start helps nobody.
+async fn declare_exchange(connection: &Connection, channel: &Channel, name: &str) -> Result<(), lapin::Error> {
+    let declared = channel
+        .exchange_declare(
+            name.into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Err(e) if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => {
+            // The failed declare closed that channel; check existence on a fresh one.
+            let probe = connection.create_channel().await?;
+            probe
+                .exchange_declare(
+                    name.into(),
+                    ExchangeKind::Fanout,
+                    ExchangeDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await?;
+            let _ = probe.close(200, "OK".into()).await;
+            tracing::warn!(
+                exchange = name, error = %e,
+                "the exchange exists with other properties than a durable fanout; using it as it is"
+            );
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn is_soft(error: &lapin::Error, kind: AMQPSoftError) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(kind))
+}
+
+/// A readable reason, without credentials: lapin errors never contain the password.
+fn describe(config: &RabbitConfig, error: &lapin::Error) -> String {
+    format!("RabbitMQ at {}:{} (vhost {:?}): {error}", config.host, config.port, config.vhost)
+}
+
+/// Resolves with a reason when any connection of the link reports an error, or someone
+/// reported the link broken.
+async fn link_lost(link: &Link) -> String {
+    let errors = select_all(link.connections.iter().map(|c| c.events_listener().boxed())).filter_map(
+        |event| async move {
+            match event {
+                lapin::Event::Error(e) => Some(e.to_string()),
+                _ => None,
+            }
+        },
+    );
+    let mut errors = std::pin::pin!(errors);
+    // Events are only sent while a listener exists, so the connections may have died before
+    // we listened: check once after subscribing.
+    if let Some(dead) = link.connections.iter().find(|c| !c.status().connected()) {
+        return format!("connection {:?} is not connected", dead.status());
+    }
+    tokio::select! {
+        Some(reason) = errors.next() => reason,
+        () = link.broken.notified() => "the publishing channel was closed".into(),
+    }
+}
+
+async fn close_link(link: &Link) {
+    for connection in &link.connections {
+        if connection.status().connected() {
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "fanout-chat closing".into())).await;
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// One session's queue while it is consumed.
+struct Active {
+    generation: u64,
+    consumer: Consumer,
+    /// Declared after `consumer` so that the consumer is cancelled before the place is freed.
+    _lease: SlotLease,
+}
+
+enum State {
+    Active(Active),
+    /// Re-creating the queue and consumer after a failure; `None` in the task's result means
+    /// the bus closed.
+    Restoring(JoinHandle<Option<Active>>),
+}
+
+/// A session's subscription: its own exclusive, auto-delete queue, bound to the exchange.
+pub struct RabbitSubscription {
+    bus: RabbitBus,
+    queue: String,
+    state: State,
+    /// Stops a restore task once the session is gone.
+    cancel: CancellationToken,
+}
+
+impl Drop for RabbitSubscription {
+    fn drop(&mut self) {
+        // A restore in flight finishes its broker round trips and drops what it made; it must
+        // not be aborted half-way (see `subscribe`).
+        self.cancel.cancel();
+    }
+}
+
+impl RabbitSubscription {
+    pub async fn next(&mut self) -> Option<Event> {
+        loop {
+            match &mut self.state {
+                State::Active(active) => {
+                    let reason = match active.consumer.next().await {
+                        Some(Ok(delivery)) => {
+                            let lapin::message::Delivery { data, properties, acker, .. } = delivery;
+                            return Some(Event::Message(frame(data, &properties), Some(Ack(acker))));
+                        }
+                        Some(Err(e)) => e.to_string(),
+                        None => "the broker cancelled the session's consumer".to_owned(),
+                    };
+                    tracing::warn!(queue = %self.queue, %reason, "session delivery interrupted");
+                    let seen = active.generation;
+                    self.state = State::Restoring(tokio::spawn(restore(
+                        self.bus.clone(),
+                        self.queue.clone(),
+                        seen,
+                        self.cancel.clone(),
+                    )));
+                    return Some(Event::Interrupted(reason));
+                }
+                State::Restoring(task) => {
+                    let restored = task.await.ok().flatten();
+                    match restored {
+                        Some(active) => {
+                            self.bus.0.metrics.resubscribes.fetch_add(1, Relaxed);
+                            tracing::info!(queue = %self.queue, "session delivery restored");
+                            self.state = State::Active(active);
+                            return Some(Event::Restored);
+                        }
+                        None => return None,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Re-creates a session's queue and consumer, on the same link when only the channel or the
+/// consumer failed, on the next link when the connection did.
+async fn restore(bus: RabbitBus, queue: String, failed_on: u64, cancel: CancellationToken) -> Option<Active> {
+    let mut attempt = 0u32;
+    loop {
+        let link = tokio::select! {
+            link = bus.wait_for_link(None) => link?,
+            () = cancel.cancelled() => return None,
+        };
+        // A link that died with our consumer is useless; wait for the supervisor's next one.
+        let link = if link.generation == failed_on && !link.connections.iter().all(|c| c.status().connected()) {
+            tokio::select! {
+                link = bus.wait_for_link(Some(failed_on)) => link?,
+                () = cancel.cancelled() => return None,
+            }
+        } else {
+            link
+        };
+        match bus.attach(&link, &queue).await {
+            Ok(active) => return Some(active),
+            Err(e) => {
+                attempt = attempt.saturating_add(1);
+                tracing::debug!(%queue, error = %e, attempt, "restoring the session queue failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff(attempt, Duration::from_secs(5))) => {}
+                    () = cancel.cancelled() => return None,
+                }
+            }
+        }
+    }
+}
+
+/// The WebSocket frame for one delivery: the body itself when it is an envelope, else the
+/// body wrapped in a new envelope (see [`Envelope::from_delivery`]).
+fn frame(body: Vec<u8>, p: &BasicProperties) -> Frame {
+    let foreign = ForeignProperties {
+        message_id: p.message_id().as_ref().map(|s| s.as_str()),
+        timestamp: *p.timestamp(),
+        app_id: p.app_id().as_ref().map(|s| s.as_str()),
+    };
+    match Envelope::from_delivery(&body, foreign) {
+        // An envelope parsed from JSON is valid UTF-8, so this is a check, not a copy.
+        Decoded::Envelope => match String::from_utf8(body) {
+            Ok(json) => Frame::from(json),
+            Err(e) => Frame::from(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        },
+        Decoded::Wrapped(envelope) => Frame::from(envelope.to_json()),
+    }
+}

@@ -1,0 +1,236 @@
+//! Chat messages: the envelope every browser receives, and validation of what users send.
+//!
+//! Knows nothing of HTTP or AMQP: the web layer and the buses call into it.
+
+use serde::{Deserialize, Serialize};
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+/// Longest accepted sender name, in UTF-8 bytes. Names are labels, not messages.
+pub const MAX_USER_BYTES: usize = 64;
+
+/// One chat message as it travels through the exchange and reaches every browser.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope {
+    /// A ULID: unique, and sortable by the time the server accepted the message.
+    pub id: String,
+    /// The text exactly as sent.
+    pub text: String,
+    /// The sender's name, when one was given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// RFC 3339 UTC time, with milliseconds, at which the server accepted the message.
+    pub ts: String,
+}
+
+impl Envelope {
+    /// Stamps a validated message with a fresh id and the current time.
+    pub fn new(message: NewMessage) -> Self {
+        let now = OffsetDateTime::now_utc();
+        Self {
+            id: ulid::Ulid::new().to_string(),
+            text: message.text,
+            user: message.user,
+            ts: rfc3339_millis(now),
+        }
+    }
+
+    /// The envelope as JSON, the body of an AMQP message and of a WebSocket frame.
+    pub fn to_json(&self) -> String {
+        // Serializing a struct of strings to a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Reads a message body that arrived from the exchange.
+    ///
+    /// An envelope (ours, or another service's that follows the contract) is returned as it
+    /// came. Anything else, plain text or JSON of another shape, becomes the `text` of a new
+    /// envelope, so other services can notify browsers without knowing our format.
+    pub fn from_delivery(body: &[u8], foreign: ForeignProperties<'_>) -> Decoded {
+        if let Ok(envelope) = serde_json::from_slice::<Envelope>(body)
+            && envelope.is_well_formed()
+        {
+            return Decoded::Envelope;
+        }
+        let now = OffsetDateTime::now_utc();
+        let ts = foreign
+            .timestamp
+            .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs as i64).ok())
+            .unwrap_or(now);
+        Decoded::Wrapped(Self {
+            id: foreign
+                .message_id
+                .filter(|id| !id.trim().is_empty())
+                .map_or_else(|| ulid::Ulid::new().to_string(), str::to_owned),
+            text: String::from_utf8_lossy(body).into_owned(),
+            user: foreign.app_id.filter(|a| !a.trim().is_empty()).map(str::to_owned),
+            ts: rfc3339_millis(ts),
+        })
+    }
+
+    fn is_well_formed(&self) -> bool {
+        !self.id.is_empty() && OffsetDateTime::parse(&self.ts, &Rfc3339).is_ok()
+    }
+}
+
+/// What the AMQP properties of a foreign message contribute to its envelope.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ForeignProperties<'a> {
+    /// `message_id`: becomes the envelope id.
+    pub message_id: Option<&'a str>,
+    /// `timestamp` (seconds since the epoch): becomes `ts`.
+    pub timestamp: Option<u64>,
+    /// `app_id`: the publishing service, shown as the sender.
+    pub app_id: Option<&'a str>,
+}
+
+/// The outcome of [`Envelope::from_delivery`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    /// The body is an envelope already: forward it byte for byte.
+    Envelope,
+    /// The body was something else, now wrapped in this envelope.
+    Wrapped(Envelope),
+}
+
+fn rfc3339_millis(t: OffsetDateTime) -> String {
+    let t = t.to_offset(time::UtcOffset::UTC);
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.millisecond()
+    )
+}
+
+/// A message a user wants to send, after validation.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    text: String,
+    user: Option<String>,
+}
+
+/// A message as submitted, before validation.
+#[derive(Debug, Default, Deserialize)]
+pub struct Draft {
+    pub text: Option<String>,
+    pub user: Option<String>,
+}
+
+/// Why a submitted message was refused; each sentence is shown to the user as it is.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidMessage {
+    #[error("the message has no text: send a non-empty \"text\" field")]
+    MissingText,
+    #[error("the message text is blank")]
+    BlankText,
+    #[error("the message text is {actual} bytes; the limit is {limit} bytes")]
+    TooLong { actual: usize, limit: usize },
+    #[error("the user name is {actual} bytes; the limit is {MAX_USER_BYTES} bytes")]
+    UserTooLong { actual: usize },
+}
+
+impl Draft {
+    /// Checks the draft against the limits. Text is kept exactly as sent; a blank user is
+    /// treated as no user.
+    pub fn validate(self, max_text_bytes: usize) -> Result<NewMessage, InvalidMessage> {
+        let text = self.text.ok_or(InvalidMessage::MissingText)?;
+        if text.trim().is_empty() {
+            return Err(InvalidMessage::BlankText);
+        }
+        if text.len() > max_text_bytes {
+            return Err(InvalidMessage::TooLong { actual: text.len(), limit: max_text_bytes });
+        }
+        let user = self.user.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty());
+        if let Some(u) = &user
+            && u.len() > MAX_USER_BYTES
+        {
+            return Err(InvalidMessage::UserTooLong { actual: u.len() });
+        }
+        Ok(NewMessage { text, user })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draft(text: &str) -> Draft {
+        Draft { text: Some(text.into()), user: None }
+    }
+
+    #[test]
+    fn envelopes_have_sortable_ids_and_utc_millisecond_timestamps() {
+        let a = Envelope::new(draft("a").validate(10).unwrap());
+        let b = Envelope::new(draft("b").validate(10).unwrap());
+        assert_eq!(a.id.len(), 26);
+        assert!(a.id < b.id, "{} then {}", a.id, b.id);
+        assert!(a.ts.ends_with('Z') && a.ts.len() == 24, "{}", a.ts);
+        assert!(OffsetDateTime::parse(&a.ts, &Rfc3339).is_ok());
+    }
+
+    #[test]
+    fn an_envelope_without_user_omits_the_field() {
+        let json = Envelope::new(draft("hi").validate(10).unwrap()).to_json();
+        assert!(!json.contains("user"), "{json}");
+    }
+
+    #[test]
+    fn text_is_kept_exactly_and_user_is_trimmed() {
+        let m = Draft { text: Some("  <b>hi</b>\n".into()), user: Some("  ada ".into()) }
+            .validate(100)
+            .unwrap();
+        let e = Envelope::new(m);
+        assert_eq!((e.text.as_str(), e.user.as_deref()), ("  <b>hi</b>\n", Some("ada")));
+    }
+
+    #[test]
+    fn missing_blank_and_long_texts_are_refused() {
+        assert_eq!(Draft::default().validate(10), Err(InvalidMessage::MissingText));
+        assert_eq!(draft(" \n\t").validate(10), Err(InvalidMessage::BlankText));
+        assert_eq!(draft("ééé").validate(5), Err(InvalidMessage::TooLong { actual: 6, limit: 5 }));
+        assert!(draft("ééé").validate(6).is_ok(), "exactly at the limit is accepted");
+        let long_user = Draft { text: Some("x".into()), user: Some("u".repeat(65)) };
+        assert_eq!(long_user.validate(10), Err(InvalidMessage::UserTooLong { actual: 65 }));
+    }
+
+    #[test]
+    fn an_envelope_from_the_exchange_is_forwarded_as_is() {
+        let e = Envelope::new(draft("x").validate(10).unwrap());
+        let decoded = Envelope::from_delivery(e.to_json().as_bytes(), ForeignProperties::default());
+        assert_eq!(decoded, Decoded::Envelope);
+    }
+
+    #[test]
+    fn plain_text_from_another_service_is_wrapped_with_its_message_id() {
+        let props = ForeignProperties { message_id: Some("billing-42"), timestamp: Some(0), app_id: Some("billing") };
+        let Decoded::Wrapped(e) = Envelope::from_delivery(b"invoice paid", props) else {
+            panic!("plain text must be wrapped")
+        };
+        assert_eq!((e.id.as_str(), e.text.as_str()), ("billing-42", "invoice paid"));
+        assert_eq!((e.user.as_deref(), e.ts.as_str()), (Some("billing"), "1970-01-01T00:00:00.000Z"));
+    }
+
+    #[test]
+    fn json_of_another_shape_is_delivered_as_text() {
+        let body = br#"{"event":"deploy","text":"v2 is live"}"#;
+        let Decoded::Wrapped(e) = Envelope::from_delivery(body, ForeignProperties::default()) else {
+            panic!("foreign JSON must be wrapped")
+        };
+        assert_eq!(e.text.as_bytes(), body);
+        assert_eq!(e.id.len(), 26, "a fresh ULID when there is no message_id");
+    }
+
+    #[test]
+    fn an_envelope_shaped_body_with_a_bad_timestamp_is_wrapped() {
+        let body = br#"{"id":"x","text":"t","ts":"yesterday"}"#;
+        assert!(matches!(
+            Envelope::from_delivery(body, ForeignProperties::default()),
+            Decoded::Wrapped(_)
+        ));
+    }
+}

@@ -1,0 +1,465 @@
+//! Configuration: read once from the environment at start into one typed struct.
+//!
+//! No other module reads the environment. Tests build a [`Config`] value directly
+//! (see [`Config::local`]) instead of mutating the process environment.
+
+use std::{fmt, time::Duration};
+
+use serde::{Deserialize, Deserializer, de};
+
+/// Everything the process needs to know, parsed and validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `PORT` (default `8080`): the TCP port to listen on, on all interfaces.
+    pub port: u16,
+    /// `NOTIFIER_RABBITMQ_HOST` and friends. `None` selects the embedded in-process bus.
+    pub rabbitmq: Option<RabbitConfig>,
+    /// `NOTIFIER_MAX_MESSAGE_BYTES` (default `4096`): largest accepted message text, in UTF-8 bytes.
+    pub max_message_bytes: usize,
+    /// `NOTIFIER_MEMORY_CAPACITY` (default `1024`): messages the embedded bus keeps for a
+    /// session that falls behind before that session skips ahead (and is told so).
+    pub memory_capacity: usize,
+    /// `NOTIFIER_WS_PING_SECS` (default `20`): how often each WebSocket is pinged. Below the
+    /// 60 s idle timeout of common proxies (ingress-nginx), so quiet sessions are never cut.
+    pub ws_ping_interval: Duration,
+    /// `NOTIFIER_WS_SEND_TIMEOUT_SECS` (default `30`): a session whose browser has not taken a
+    /// frame for this long is closed, so a stuck reader never holds its queue's prefetch forever.
+    pub ws_send_timeout: Duration,
+    /// `NOTIFIER_WS_WRITE_BUFFER_BYTES` (default `65536`): the most a session may have buffered
+    /// for its socket; past that the frame is refused instead of growing memory.
+    pub ws_max_write_buffer: usize,
+    /// `NOTIFIER_SHUTDOWN_TIMEOUT_SECS` (default `5`): how long shutdown waits for sessions to
+    /// close after telling them to, before closing the broker connection anyway.
+    pub shutdown_timeout: Duration,
+    /// `HOSTNAME` (the pod name on Kubernetes): names this replica in queue names and logs.
+    pub replica: String,
+    /// `LOG_FORMAT` (default `text`): `json` for one JSON object per line.
+    pub log_format: LogFormat,
+}
+
+/// Where and how to reach RabbitMQ; present only when `NOTIFIER_RABBITMQ_HOST` is set.
+#[derive(Clone, Debug)]
+pub struct RabbitConfig {
+    /// `NOTIFIER_RABBITMQ_HOST`.
+    pub host: String,
+    /// `NOTIFIER_RABBITMQ_PORT` (default `5672`).
+    pub port: u16,
+    /// `NOTIFIER_RABBITMQ_USER` (default `guest`).
+    pub user: String,
+    /// `NOTIFIER_RABBITMQ_PASSWORD` (default `guest`); never printed, see [`Secret`].
+    pub password: Secret,
+    /// `NOTIFIER_RABBITMQ_VHOST` (default `/`).
+    pub vhost: String,
+    /// `NOTIFIER_RABBITMQ_TLS` (default `false`): `amqps` to the broker.
+    pub tls: bool,
+    /// `NOTIFIER_EXCHANGE` (default `chat`): the fanout exchange.
+    pub exchange: String,
+    /// `NOTIFIER_QUEUE_MAX_LENGTH` (default `1000`): `x-max-length` of each session queue; the
+    /// oldest ready message is dropped first, so a stalled browser cannot fill the broker.
+    pub queue_max_length: u32,
+    /// `NOTIFIER_PREFETCH` (default `64`): unacknowledged deliveries per session consumer. This
+    /// is also the bound on lapin's in-process buffer for the session.
+    pub prefetch: u16,
+    /// `NOTIFIER_SESSIONS_PER_CHANNEL` (default `32`): consumers sharing one AMQP channel.
+    pub sessions_per_channel: usize,
+    /// `NOTIFIER_CHANNELS_PER_CONNECTION` (default `64`): channels per consumer connection,
+    /// far below RabbitMQ's default `channel_max` of 2047.
+    pub channels_per_connection: usize,
+    /// `NOTIFIER_CONSUMER_CONNECTIONS` (default `4`): connections that carry session consumers;
+    /// publishing has a connection of its own so flow control on it never stalls delivery.
+    pub consumer_connections: usize,
+    /// `NOTIFIER_PUBLISH_TIMEOUT_MS` (default `5000`): a publish the broker has not confirmed
+    /// by then is reported as failed (503), never as accepted.
+    pub publish_timeout: Duration,
+    /// `NOTIFIER_RECONNECT_MAX_SECS` (default `30`): cap of the exponential reconnect backoff.
+    pub reconnect_max: Duration,
+}
+
+impl RabbitConfig {
+    /// The most sessions one process can hold with these settings.
+    pub fn session_capacity(&self) -> usize {
+        self.sessions_per_channel * self.channels_per_connection * self.consumer_connections
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for a cluster log stack.
+    Json,
+}
+
+/// A string that is never shown by `Debug` or `Display`.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is handed to the broker.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(****)")
+    }
+}
+
+/// Why the environment could not be turned into a [`Config`].
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(String);
+
+/// The environment as envy sees it: one field per variable, lower-cased.
+#[derive(Deserialize)]
+struct Env {
+    #[serde(default = "default_port", deserialize_with = "port")]
+    port: u16,
+    notifier_rabbitmq_host: Option<String>,
+    #[serde(default = "default_amqp_port", deserialize_with = "port")]
+    notifier_rabbitmq_port: u16,
+    #[serde(default = "default_guest")]
+    notifier_rabbitmq_user: String,
+    #[serde(default = "default_guest")]
+    notifier_rabbitmq_password: String,
+    #[serde(default = "default_vhost")]
+    notifier_rabbitmq_vhost: String,
+    #[serde(default, deserialize_with = "boolean")]
+    notifier_rabbitmq_tls: bool,
+    #[serde(default = "default_exchange")]
+    notifier_exchange: String,
+    #[serde(default = "default_max_message_bytes", deserialize_with = "positive")]
+    notifier_max_message_bytes: usize,
+    #[serde(default = "default_memory_capacity", deserialize_with = "positive")]
+    notifier_memory_capacity: usize,
+    #[serde(default = "default_queue_max_length", deserialize_with = "positive")]
+    notifier_queue_max_length: u32,
+    #[serde(default = "default_prefetch", deserialize_with = "positive")]
+    notifier_prefetch: u16,
+    #[serde(default = "default_sessions_per_channel", deserialize_with = "positive")]
+    notifier_sessions_per_channel: usize,
+    #[serde(default = "default_channels_per_connection", deserialize_with = "channels")]
+    notifier_channels_per_connection: usize,
+    #[serde(default = "default_consumer_connections", deserialize_with = "positive")]
+    notifier_consumer_connections: usize,
+    #[serde(default = "default_publish_timeout_ms", deserialize_with = "positive")]
+    notifier_publish_timeout_ms: u64,
+    #[serde(default = "default_reconnect_max_secs", deserialize_with = "positive")]
+    notifier_reconnect_max_secs: u64,
+    #[serde(default = "default_ping_secs", deserialize_with = "positive")]
+    notifier_ws_ping_secs: u64,
+    #[serde(default = "default_send_timeout_secs", deserialize_with = "positive")]
+    notifier_ws_send_timeout_secs: u64,
+    #[serde(default = "default_write_buffer", deserialize_with = "positive")]
+    notifier_ws_write_buffer_bytes: usize,
+    #[serde(default = "default_shutdown_timeout_secs", deserialize_with = "positive")]
+    notifier_shutdown_timeout_secs: u64,
+    hostname: Option<String>,
+    #[serde(default, deserialize_with = "log_format")]
+    log_format: LogFormat,
+}
+
+fn default_port() -> u16 {
+    8080
+}
+fn default_amqp_port() -> u16 {
+    5672
+}
+fn default_guest() -> String {
+    "guest".into()
+}
+fn default_vhost() -> String {
+    "/".into()
+}
+fn default_exchange() -> String {
+    "chat".into()
+}
+fn default_max_message_bytes() -> usize {
+    4096
+}
+fn default_memory_capacity() -> usize {
+    1024
+}
+fn default_queue_max_length() -> u32 {
+    1000
+}
+fn default_prefetch() -> u16 {
+    64
+}
+fn default_sessions_per_channel() -> usize {
+    32
+}
+fn default_channels_per_connection() -> usize {
+    64
+}
+fn default_consumer_connections() -> usize {
+    4
+}
+fn default_publish_timeout_ms() -> u64 {
+    5000
+}
+fn default_reconnect_max_secs() -> u64 {
+    30
+}
+fn default_ping_secs() -> u64 {
+    20
+}
+fn default_send_timeout_secs() -> u64 {
+    30
+}
+fn default_write_buffer() -> usize {
+    64 * 1024
+}
+fn default_shutdown_timeout_secs() -> u64 {
+    5
+}
+
+/// Parses a value with `FromStr`, failing with a sentence that says what was expected.
+/// envy appends "while parsing value '...' provided by VARIABLE" to it.
+fn parse_with<'de, D, T>(deserializer: D, expected: &str, ok: impl Fn(&T) -> bool) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr,
+{
+    let raw = String::deserialize(deserializer)?;
+    match raw.trim().parse::<T>() {
+        Ok(value) if ok(&value) => Ok(value),
+        _ => Err(de::Error::custom(format!("expected {expected}"))),
+    }
+}
+
+fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
+    parse_with(d, "a TCP port number from 1 to 65535", |p: &u16| *p > 0)
+}
+
+fn positive<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: std::str::FromStr + Default + PartialOrd,
+{
+    parse_with(d, "a whole number greater than 0", |n: &T| *n > T::default())
+}
+
+fn channels<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    parse_with(d, "a whole number from 1 to 2047 (RabbitMQ's channel_max)", |n: &usize| {
+        (1..=2047).contains(n)
+    })
+}
+
+fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let raw = String::deserialize(d)?;
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" | "" => Ok(false),
+        _ => Err(de::Error::custom("expected true or false")),
+    }
+}
+
+fn log_format<'de, D: Deserializer<'de>>(d: D) -> Result<LogFormat, D::Error> {
+    let raw = String::deserialize(d)?;
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "json" => Ok(LogFormat::Json),
+        "text" | "" => Ok(LogFormat::Text),
+        _ => Err(de::Error::custom("expected text or json")),
+    }
+}
+
+impl Config {
+    /// Reads the process environment. The only place that does.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_iter(std::env::vars())
+    }
+
+    /// Reads configuration from `(NAME, value)` pairs, as if they were the environment.
+    pub fn from_iter(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+        let env: Env = envy::from_iter(vars).map_err(|e| ConfigError(e.to_string()))?;
+        let rabbitmq = match env.notifier_rabbitmq_host.map(|h| h.trim().to_owned()) {
+            None => None,
+            Some(host) if host.is_empty() => {
+                return Err(ConfigError(
+                    "expected a host name while parsing value '' provided by NOTIFIER_RABBITMQ_HOST \
+                     (unset it to use the embedded bus)"
+                        .into(),
+                ));
+            }
+            Some(host) => Some(RabbitConfig {
+                host,
+                port: env.notifier_rabbitmq_port,
+                user: env.notifier_rabbitmq_user,
+                password: Secret(env.notifier_rabbitmq_password),
+                vhost: env.notifier_rabbitmq_vhost,
+                tls: env.notifier_rabbitmq_tls,
+                exchange: exchange_name(env.notifier_exchange)?,
+                queue_max_length: env.notifier_queue_max_length,
+                prefetch: env.notifier_prefetch,
+                sessions_per_channel: env.notifier_sessions_per_channel,
+                channels_per_connection: env.notifier_channels_per_connection,
+                consumer_connections: env.notifier_consumer_connections,
+                publish_timeout: Duration::from_millis(env.notifier_publish_timeout_ms),
+                reconnect_max: Duration::from_secs(env.notifier_reconnect_max_secs),
+            }),
+        };
+        Ok(Self {
+            port: env.port,
+            rabbitmq,
+            max_message_bytes: env.notifier_max_message_bytes,
+            memory_capacity: env.notifier_memory_capacity,
+            ws_ping_interval: Duration::from_secs(env.notifier_ws_ping_secs),
+            ws_send_timeout: Duration::from_secs(env.notifier_ws_send_timeout_secs),
+            ws_max_write_buffer: env.notifier_ws_write_buffer_bytes,
+            shutdown_timeout: Duration::from_secs(env.notifier_shutdown_timeout_secs),
+            replica: replica_name(env.hostname),
+            log_format: env.log_format,
+        })
+    }
+
+    /// The configuration of an unset environment: the embedded bus on port 8080.
+    pub fn local() -> Self {
+        // An empty environment only takes defaults, which are all valid.
+        #[expect(clippy::expect_used, reason = "defaults are constants checked by unit tests")]
+        Self::from_iter(std::iter::empty()).expect("the defaults are a valid configuration")
+    }
+
+    /// The same configuration, using RabbitMQ at `host:port` with guest credentials.
+    pub fn with_rabbitmq(mut self, host: &str, port: u16, exchange: &str) -> Self {
+        #[expect(clippy::expect_used, reason = "defaults are constants checked by unit tests")]
+        let rabbit = Self::from_iter([
+            ("NOTIFIER_RABBITMQ_HOST".to_owned(), host.to_owned()),
+            ("NOTIFIER_RABBITMQ_PORT".to_owned(), port.to_string()),
+            ("NOTIFIER_EXCHANGE".to_owned(), exchange.to_owned()),
+        ])
+        .expect("a host, a port and an exchange name make a valid configuration")
+        .rabbitmq;
+        self.rabbitmq = rabbit;
+        self
+    }
+
+    /// `"rabbitmq"` or `"memory"`: which bus this configuration selects.
+    pub fn mode(&self) -> &'static str {
+        if self.rabbitmq.is_some() { "rabbitmq" } else { "memory" }
+    }
+}
+
+/// RabbitMQ accepts exchange names of up to 255 bytes; `amq.` is reserved for the broker.
+fn exchange_name(name: String) -> Result<String, ConfigError> {
+    let name = name.trim().to_owned();
+    if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+        return Err(ConfigError(format!(
+            "expected a name of 1 to 255 bytes not starting with \"amq.\" while parsing value \
+             '{name}' provided by NOTIFIER_EXCHANGE"
+        )));
+    }
+    Ok(name)
+}
+
+/// The pod name on Kubernetes; a random suffix elsewhere, so two local processes differ.
+fn replica_name(hostname: Option<String>) -> String {
+    match hostname.map(|h| h.trim().to_owned()) {
+        Some(h) if !h.is_empty() => h,
+        _ => format!("local-{}", &ulid::Ulid::new().to_string()[20..]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        Config::from_iter(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    #[test]
+    fn an_empty_environment_selects_the_embedded_bus_on_8080() {
+        let cfg = parse(&[]).unwrap();
+        assert_eq!(cfg.port, 8080);
+        assert!(cfg.rabbitmq.is_none());
+        assert_eq!(cfg.mode(), "memory");
+        assert_eq!(cfg.max_message_bytes, 4096);
+        assert_eq!(cfg.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn a_broker_host_selects_rabbitmq_with_the_contract_defaults() {
+        let cfg = parse(&[("NOTIFIER_RABBITMQ_HOST", "rabbit.svc")]).unwrap();
+        let r = cfg.rabbitmq.unwrap();
+        assert_eq!(
+            (r.host.as_str(), r.port, r.user.as_str(), r.password.expose(), r.vhost.as_str()),
+            ("rabbit.svc", 5672, "guest", "guest", "/")
+        );
+        assert!(!r.tls);
+        assert_eq!(r.exchange, "chat");
+        assert!(r.session_capacity() >= 5000, "defaults must hold 5,000 sessions");
+    }
+
+    #[test]
+    fn every_variable_is_read() {
+        let cfg = parse(&[
+            ("PORT", "9000"),
+            ("NOTIFIER_RABBITMQ_HOST", "h"),
+            ("NOTIFIER_RABBITMQ_PORT", "5671"),
+            ("NOTIFIER_RABBITMQ_USER", "u"),
+            ("NOTIFIER_RABBITMQ_PASSWORD", "p@ss/word"),
+            ("NOTIFIER_RABBITMQ_VHOST", "prod"),
+            ("NOTIFIER_RABBITMQ_TLS", "true"),
+            ("NOTIFIER_EXCHANGE", "notifications"),
+            ("NOTIFIER_MAX_MESSAGE_BYTES", "100"),
+            ("HOSTNAME", "fanout-chat-7d9f-abcde"),
+            ("LOG_FORMAT", "json"),
+        ])
+        .unwrap();
+        let r = cfg.rabbitmq.as_ref().unwrap();
+        assert_eq!(cfg.port, 9000);
+        assert_eq!((r.port, r.user.as_str(), r.password.expose()), (5671, "u", "p@ss/word"));
+        assert_eq!((r.vhost.as_str(), r.tls, r.exchange.as_str()), ("prod", true, "notifications"));
+        assert_eq!(cfg.max_message_bytes, 100);
+        assert_eq!(cfg.replica, "fanout-chat-7d9f-abcde");
+        assert_eq!(cfg.log_format, LogFormat::Json);
+    }
+
+    #[test]
+    fn a_bad_port_names_the_variable_and_what_it_expected() {
+        let err = parse(&[("PORT", "abc")]).unwrap_err().to_string();
+        assert!(err.contains("PORT"), "{err}");
+        assert!(err.contains("expected a TCP port number"), "{err}");
+        let err = parse(&[("PORT", "0")]).unwrap_err().to_string();
+        assert!(err.contains("PORT"), "{err}");
+    }
+
+    #[test]
+    fn a_bad_boolean_names_the_variable() {
+        let err = parse(&[("NOTIFIER_RABBITMQ_TLS", "maybe")]).unwrap_err().to_string();
+        assert!(err.contains("NOTIFIER_RABBITMQ_TLS"), "{err}");
+        assert!(err.contains("expected true or false"), "{err}");
+    }
+
+    #[test]
+    fn a_zero_limit_is_refused() {
+        let err = parse(&[("NOTIFIER_MAX_MESSAGE_BYTES", "0")]).unwrap_err().to_string();
+        assert!(err.contains("NOTIFIER_MAX_MESSAGE_BYTES"), "{err}");
+    }
+
+    #[test]
+    fn a_reserved_exchange_name_is_refused() {
+        let err = parse(&[("NOTIFIER_RABBITMQ_HOST", "h"), ("NOTIFIER_EXCHANGE", "amq.fanout")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("NOTIFIER_EXCHANGE"), "{err}");
+    }
+
+    #[test]
+    fn the_password_never_shows_in_debug_output() {
+        let cfg = parse(&[("NOTIFIER_RABBITMQ_HOST", "h"), ("NOTIFIER_RABBITMQ_PASSWORD", "hunter2")])
+            .unwrap();
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}

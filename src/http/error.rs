@@ -1,0 +1,71 @@
+//! The one place where failures become HTTP responses: JSON `{"error": "<sentence>"}`.
+//!
+//! 4xx sentences explain the mistake to the client. 5xx bodies stay generic; their cause is
+//! logged where it happened.
+
+use axum::{
+    Json,
+    http::{HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+};
+use serde_json::json;
+
+use crate::{bus::BusError, chat::InvalidMessage};
+
+/// Everything a handler can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Invalid(#[from] InvalidMessage),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("unsupported content type: send application/json or application/x-www-form-urlencoded")]
+    UnsupportedMediaType,
+    #[error("no such route")]
+    NotFound,
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("the page could not be rendered")]
+    Render(#[from] askama::Error),
+}
+
+impl AppError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Invalid(InvalidMessage::TooLong { .. }) | Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Invalid(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::NotFound => StatusCode::NOT_FOUND,
+            Self::Bus(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The sentence shown to the client.
+    pub fn public_message(&self) -> String {
+        match self {
+            // The cause (host, port, broker error) is logged by the bus; the client only
+            // needs to know that retrying is the right move.
+            Self::Bus(_) => "the message broker is not available right now; nothing was published, try again".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if let Self::Render(e) = &self {
+            tracing::error!(error = %e, "template rendering failed");
+        }
+        let mut response = (status, Json(json!({ "error": self.public_message() }))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

@@ -1,0 +1,92 @@
+//! `POST /messages`: validate, publish, answer with the envelope. Delivery is the bus's job.
+
+use axum::{
+    Json,
+    body::Bytes,
+    extract::{State, rejection::BytesRejection},
+    http::{HeaderMap, StatusCode, header},
+};
+use percent_encoding::percent_decode;
+
+use super::error::AppError;
+use crate::{
+    app::AppState,
+    chat::{Draft, Envelope},
+};
+
+pub async fn post_message(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Envelope>), AppError> {
+    let body = body.map_err(|rejection| match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge(format!(
+            "the request body is too large; the message limit is {} bytes",
+            state.config.max_message_bytes
+        )),
+        _ => AppError::BadRequest(rejection.body_text()),
+    })?;
+    let draft = parse_body(&headers, &body)?;
+    let envelope = Envelope::new(draft.validate(state.config.max_message_bytes)?);
+    state.publish(&envelope).await?;
+    Ok((StatusCode::ACCEPTED, Json(envelope)))
+}
+
+/// Reads a draft from JSON or from a form, by content type.
+fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Draft, AppError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+        .unwrap_or_default();
+    let is_json = content_type == "application/json" || content_type.ends_with("+json");
+    let is_form = content_type == "application/x-www-form-urlencoded";
+    if !is_json && !is_form {
+        return Err(AppError::UnsupportedMediaType);
+    }
+    let body = std::str::from_utf8(body)
+        .map_err(|_| AppError::BadRequest("the request body is not valid UTF-8".into()))?;
+    if is_json {
+        serde_json::from_str(body).map_err(|e| AppError::BadRequest(format!("the body is not valid message JSON: {e}")))
+    } else {
+        parse_form(body)
+    }
+}
+
+/// Parses `text=...&user=...`, refusing what does not decode to UTF-8 (rather than replacing
+/// it, as lenient form parsers do, which would change the text the user sent).
+fn parse_form(body: &str) -> Result<Draft, AppError> {
+    let mut draft = Draft::default();
+    for pair in body.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let value = value.replace('+', " ");
+        let value = percent_decode(value.as_bytes())
+            .decode_utf8()
+            .map_err(|_| AppError::BadRequest(format!("the form field {key:?} is not valid UTF-8")))?
+            .into_owned();
+        match key {
+            "text" => draft.text = Some(value),
+            "user" => draft.user = Some(value),
+            _ => {}
+        }
+    }
+    Ok(draft)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forms_decode_plus_and_percent_escapes() {
+        let d = parse_form("text=hello+world%21%20%F0%9F%91%8B&user=ada&x=1").unwrap();
+        assert_eq!(d.text.as_deref(), Some("hello world! 👋"));
+        assert_eq!(d.user.as_deref(), Some("ada"));
+    }
+
+    #[test]
+    fn forms_with_invalid_utf8_are_refused() {
+        assert!(matches!(parse_form("text=%FF"), Err(AppError::BadRequest(_))));
+    }
+}

@@ -1,0 +1,31 @@
+//! Operations endpoints: liveness, readiness and Prometheus metrics.
+
+use axum::{
+    Json,
+    extract::State,
+    http::{StatusCode, header},
+    response::IntoResponse,
+};
+use serde_json::json;
+
+use crate::app::AppState;
+
+/// `GET /healthz`: the process runs. Never tied to the broker, so a broker outage does not
+/// make Kubernetes restart healthy pods.
+pub async fn healthz() -> impl IntoResponse {
+    Json(json!({ "status": "ok" }))
+}
+
+/// `GET /readyz`: `200` when a publish can succeed now; `503` with the reason otherwise.
+pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
+    let readiness = if state.is_draining() { Err("shutting down".to_owned()) } else { state.bus.readiness() };
+    match readiness {
+        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready", "mode": state.config.mode() }))),
+        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": format!("not ready: {reason}") }))),
+    }
+}
+
+/// `GET /metrics`: Prometheus text format.
+pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+}

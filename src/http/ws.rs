@@ -1,0 +1,210 @@
+//! `GET /ws`: one WebSocket session.
+//!
+//! The session's subscription is made *before* the upgrade is answered, so once a client sees
+//! the socket open, every message published afterwards reaches it. Then one loop `select!`s
+//! over shutdown, the subscription, the socket and a ping timer, and returns after a Close.
+
+use std::{
+    sync::atomic::Ordering::Relaxed,
+    time::{Duration, Instant},
+};
+
+use axum::{
+    extract::{
+        State,
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code},
+    },
+    response::Response,
+};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use serde_json::json;
+use tracing::Instrument;
+
+use super::error::AppError;
+use crate::{
+    app::AppState,
+    bus::{Event, Subscription},
+    chat::{Draft, Envelope},
+};
+
+pub async fn upgrade(
+    State(state): State<AppState>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, AppError> {
+    let upgrade = upgrade.map_err(|r| AppError::BadRequest(r.body_text()))?;
+    if state.is_draining() {
+        return Err(AppError::ShuttingDown);
+    }
+    let session = ulid::Ulid::new().to_string();
+    let subscription = state.bus.subscribe(&session).await?;
+    let frame_limit = state.config.max_message_bytes * 6 + 1024;
+    let span = tracing::info_span!("session", id = %session, replica = %state.config.replica);
+    let sessions = state.sessions.clone();
+    Ok(upgrade
+        // Small read/write buffers keep an idle session cheap; the write buffer has a hard cap
+        // so a browser that stops reading cannot grow our memory.
+        .read_buffer_size(4 * 1024)
+        .write_buffer_size(0)
+        .max_write_buffer_size(state.config.ws_max_write_buffer)
+        .max_message_size(frame_limit)
+        .max_frame_size(frame_limit)
+        .on_upgrade(move |socket| {
+            sessions.track_future(Session { state, id: session, socket, subscription }.run().instrument(span))
+        }))
+}
+
+struct Session {
+    state: AppState,
+    id: String,
+    socket: WebSocket,
+    subscription: Subscription,
+}
+
+/// Why a session ends, and what (if anything) to tell the browser.
+enum End {
+    /// The browser closed or vanished: nothing to send.
+    Gone,
+    Close(u16, &'static str),
+}
+
+impl Session {
+    async fn run(mut self) {
+        let metrics = self.state.metrics.clone();
+        metrics.sessions_open.fetch_add(1, Relaxed);
+        metrics.sessions_total.fetch_add(1, Relaxed);
+        tracing::info!("session opened");
+        let end = self.serve().await;
+        if let End::Close(code, reason) = end {
+            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(Message::Close(Some(frame)))).await;
+        }
+        metrics.sessions_open.fetch_sub(1, Relaxed);
+        tracing::info!("session closed");
+        // Dropping the subscription cancels the consumer; the auto-delete queue goes with it.
+    }
+
+    async fn serve(&mut self) -> End {
+        let config = self.state.config.clone();
+        let shutdown = self.state.shutdown.clone();
+        let welcome = json!({
+            "type": "welcome", "session": self.id, "replica": config.replica, "mode": config.mode(),
+        });
+        if let Err(end) = self.send_json(welcome).await {
+            return end;
+        }
+        let mut ping = tokio::time::interval(config.ws_ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut last_heard = Instant::now();
+        loop {
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return End::Close(close_code::AWAY, "server shutting down"),
+                event = self.subscription.next() => match event {
+                    Some(event) => self.deliver(event).await,
+                    None => return End::Close(close_code::AWAY, "message bus closed"),
+                },
+                incoming = self.socket.recv() => {
+                    last_heard = Instant::now();
+                    self.receive(incoming).await
+                }
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > config.ws_ping_interval * 2 + config.ws_ping_interval / 2 {
+                        tracing::info!("no pong from the browser; closing");
+                        return End::Gone;
+                    }
+                    self.send(Message::Ping(Default::default())).await
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    async fn deliver(&mut self, event: Event) -> Result<(), End> {
+        match event {
+            Event::Message(frame, ack) => {
+                let text = Utf8Bytes::try_from(frame.into_bytes()).map_err(|_| End::Gone)?;
+                self.send(Message::Text(text)).await?;
+                self.state.metrics.delivered.fetch_add(1, Relaxed);
+                if let Some(ack) = ack {
+                    ack.send().await;
+                }
+                Ok(())
+            }
+            Event::Gap(missed) => self.send_json(json!({ "type": "gap", "missed": missed })).await,
+            Event::Interrupted(reason) => {
+                self.send_json(json!({ "type": "interrupted", "reason": "the server lost its message broker link; waiting for it to come back", "detail": reason })).await
+            }
+            Event::Restored => self.send_json(json!({ "type": "restored" })).await,
+        }
+    }
+
+    async fn receive(&mut self, incoming: Option<Result<Message, axum::Error>>) -> Result<(), End> {
+        match incoming {
+            None | Some(Ok(Message::Close(_))) => Err(End::Gone),
+            Some(Err(e)) => {
+                tracing::info!(error = %e, "WebSocket read failed");
+                self.state.metrics.rejected_frames.fetch_add(1, Relaxed);
+                // tungstenite refuses frames over the size limit with this error; anything
+                // else is a broken connection.
+                if e.to_string().contains("Space limit exceeded") {
+                    Err(End::Close(close_code::SIZE, "message too big"))
+                } else {
+                    Err(End::Gone)
+                }
+            }
+            Some(Ok(Message::Text(text))) => self.publish(text.as_str()).await,
+            Some(Ok(Message::Binary(_))) => {
+                self.state.metrics.rejected_frames.fetch_add(1, Relaxed);
+                self.send_error("binary frames are not supported; send the message as a text frame".into()).await
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+        }
+    }
+
+    /// A text frame is a message from this session: `{"text": ..., "user": ...}` JSON, or
+    /// the frame's text itself.
+    async fn publish(&mut self, text: &str) -> Result<(), End> {
+        let draft = match serde_json::from_str::<Draft>(text) {
+            Ok(draft) if draft.text.is_some() => draft,
+            _ => Draft { text: Some(text.to_owned()), user: None },
+        };
+        let envelope = match draft.validate(self.state.config.max_message_bytes) {
+            Ok(message) => Envelope::new(message),
+            Err(invalid) => {
+                self.state.metrics.rejected_frames.fetch_add(1, Relaxed);
+                return self.send_error(invalid.to_string()).await;
+            }
+        };
+        match self.state.publish(&envelope).await {
+            Ok(()) => self.send_json(json!({ "type": "accepted", "id": envelope.id })).await,
+            Err(e) => self.send_error(AppError::from(e).public_message()).await,
+        }
+    }
+
+    async fn send_error(&mut self, error: String) -> Result<(), End> {
+        self.send_json(json!({ "type": "error", "error": error })).await
+    }
+
+    async fn send_json(&mut self, value: serde_json::Value) -> Result<(), End> {
+        self.send(Message::Text(value.to_string().into())).await
+    }
+
+    /// Writes one frame, giving up on a browser that has not taken it within the timeout.
+    async fn send(&mut self, message: Message) -> Result<(), End> {
+        match tokio::time::timeout(self.state.config.ws_send_timeout, self.socket.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "WebSocket write failed");
+                Err(End::Gone)
+            }
+            Err(_) => {
+                self.state.metrics.slow_sessions_closed.fetch_add(1, Relaxed);
+                tracing::warn!("browser stopped reading; closing the session");
+                Err(End::Close(close_code::AGAIN, "too slow: the browser stopped reading"))
+            }
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! fanout-chat: a chat page whose messages flow through a RabbitMQ fanout exchange.
+//!
+//! - [`config`]: the environment, read once into one typed struct.
+//! - [`chat`]: the message envelope and validation of what users send; no HTTP, no AMQP.
+//! - [`bus`]: where messages are published and read back: RabbitMQ or the embedded bus.
+//! - [`http`]: the routes (page, `POST /messages`, `/ws`, probes, metrics) and their layers.
+//! - [`app`]: building, serving and shutting down the whole.
+//! - [`metrics`]: the figures exported at `/metrics`.
+//! - [`telemetry`]: log set-up (human text or JSON lines).
+
+pub mod app;
+pub mod bus;
+pub mod chat;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod telemetry;
+
+pub use app::Application;
+pub use config::Config;

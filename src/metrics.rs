@@ -1,0 +1,110 @@
+//! Counters and a latency histogram, rendered in the Prometheus text format at `/metrics`.
+//!
+//! Hand-rolled on atomics rather than a global recorder so that each [`crate::app::Application`]
+//! (several run in one test process) has its own figures.
+
+use std::{
+    fmt::Write,
+    sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+/// Upper bounds, in seconds, of the publish latency histogram buckets.
+const LATENCY_BUCKETS: [f64; 12] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// Every figure the process exports.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub sessions_open: AtomicI64,
+    pub sessions_total: AtomicU64,
+    pub published: AtomicU64,
+    pub publish_failures: AtomicU64,
+    pub delivered: AtomicU64,
+    pub skipped: AtomicU64,
+    pub rejected_frames: AtomicU64,
+    pub slow_sessions_closed: AtomicU64,
+    pub broker_connects: AtomicU64,
+    pub broker_disconnects: AtomicU64,
+    pub broker_reconnects: AtomicU64,
+    pub broker_ready: AtomicI64,
+    pub resubscribes: AtomicU64,
+    publish_latency: Histogram,
+}
+
+#[derive(Debug, Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    /// Records how long the broker took to confirm one publish.
+    pub fn observe_publish(&self, took: Duration) {
+        let h = &self.publish_latency;
+        let secs = took.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            h.buckets[i].fetch_add(1, Relaxed);
+        }
+        h.count.fetch_add(1, Relaxed);
+        h.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
+    }
+
+    /// The Prometheus text exposition of every figure.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let counters: [(&str, &str, &AtomicU64); 11] = [
+            ("fanout_chat_sessions_total", "WebSocket sessions opened", &self.sessions_total),
+            ("fanout_chat_messages_published_total", "messages published and confirmed by the bus", &self.published),
+            ("fanout_chat_publish_failures_total", "publishes refused with 503 (broker down, nack or timeout)", &self.publish_failures),
+            ("fanout_chat_messages_delivered_total", "message frames written to WebSocket sessions", &self.delivered),
+            ("fanout_chat_messages_skipped_total", "messages a slow session skipped (embedded bus)", &self.skipped),
+            ("fanout_chat_rejected_frames_total", "WebSocket frames refused (binary, oversized, invalid)", &self.rejected_frames),
+            ("fanout_chat_slow_sessions_closed_total", "sessions closed because their browser stopped reading", &self.slow_sessions_closed),
+            ("fanout_chat_broker_connects_total", "successful broker (re)connections", &self.broker_connects),
+            ("fanout_chat_broker_disconnects_total", "broker connections lost", &self.broker_disconnects),
+            ("fanout_chat_broker_reconnects_total", "broker connections re-established after a loss", &self.broker_reconnects),
+            ("fanout_chat_session_resubscribes_total", "session queues and consumers re-created after a broker or channel failure", &self.resubscribes),
+        ];
+        for (name, help, value) in counters {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
+        }
+        let gauges: [(&str, &str, &AtomicI64); 2] = [
+            ("fanout_chat_sessions_open", "WebSocket sessions open now", &self.sessions_open),
+            ("fanout_chat_broker_ready", "1 when the bus can publish, else 0", &self.broker_ready),
+        ];
+        for (name, help, value) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
+        }
+        let name = "fanout_chat_publish_duration_seconds";
+        let _ = writeln!(out, "# HELP {name} time from publish to broker confirmation\n# TYPE {name} histogram");
+        let h = &self.publish_latency;
+        let mut cumulative = 0;
+        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
+            cumulative += bucket.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let count = h.count.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(out, "{name}_sum {}", h.sum_micros.load(Relaxed) as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count {count}");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_histogram_is_cumulative() {
+        let m = Metrics::default();
+        m.observe_publish(Duration::from_micros(300));
+        m.observe_publish(Duration::from_millis(3));
+        let text = m.render();
+        assert!(text.contains("fanout_chat_publish_duration_seconds_bucket{le=\"0.0005\"} 1"), "{text}");
+        assert!(text.contains("fanout_chat_publish_duration_seconds_bucket{le=\"0.005\"} 2"), "{text}");
+        assert!(text.contains("fanout_chat_publish_duration_seconds_count 2"), "{text}");
+    }
+}
