@@ -48,9 +48,17 @@ impl AppState {
 
     /// Publishes on the bus, counting the outcome.
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
+        let started = std::time::Instant::now();
         let result = self.bus.publish(envelope).await;
-        let counter = if result.is_ok() { &self.metrics.published } else { &self.metrics.publish_failures };
-        counter.fetch_add(1, Relaxed);
+        match result {
+            Ok(()) => {
+                self.metrics.published.fetch_add(1, Relaxed);
+                self.metrics.observe_publish(started.elapsed());
+            }
+            Err(_) => {
+                self.metrics.publish_failures.fetch_add(1, Relaxed);
+            }
+        }
         result
     }
 }
@@ -119,7 +127,8 @@ impl Application {
             stopping.cancel();
         });
 
-        let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let server = axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
         tokio::select! {
             result = server => result?,
             // Open HTTP requests (a publish waiting for its confirm) get the grace period.

@@ -181,9 +181,8 @@ mod tests {
 
     #[test]
     fn text_is_kept_exactly_and_user_is_trimmed() {
-        let m = Draft { text: Some("  <b>hi</b>\n".into()), user: Some("  ada ".into()) }
-            .validate(100)
-            .unwrap();
+        let m =
+            Draft { text: Some("  <b>hi</b>\n".into()), user: Some("  ada ".into()) }.validate(100).unwrap();
         let e = Envelope::new(m);
         assert_eq!((e.text.as_str(), e.user.as_deref()), ("  <b>hi</b>\n", Some("ada")));
     }
@@ -207,7 +206,8 @@ mod tests {
 
     #[test]
     fn plain_text_from_another_service_is_wrapped_with_its_message_id() {
-        let props = ForeignProperties { message_id: Some("billing-42"), timestamp: Some(0), app_id: Some("billing") };
+        let props =
+            ForeignProperties { message_id: Some("billing-42"), timestamp: Some(0), app_id: Some("billing") };
         let Decoded::Wrapped(e) = Envelope::from_delivery(b"invoice paid", props) else {
             panic!("plain text must be wrapped")
         };
@@ -228,9 +228,6 @@ mod tests {
     #[test]
     fn an_envelope_shaped_body_with_a_bad_timestamp_is_wrapped() {
         let body = br#"{"id":"x","text":"t","ts":"yesterday"}"#;
-        assert!(matches!(
-            Envelope::from_delivery(body, ForeignProperties::default()),
-            Decoded::Wrapped(_)
-        ));
+        assert!(matches!(Envelope::from_delivery(body, ForeignProperties::default()), Decoded::Wrapped(_)));
     }
 }

@@ -5,12 +5,14 @@
 
 use std::{fmt, time::Duration};
 
-use serde::{Deserialize, Deserializer, de};
+use std::str::FromStr;
+
+use serde::Deserialize;
 
 /// Everything the process needs to know, parsed and validated.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// `PORT` (default `8080`): the TCP port to listen on, on all interfaces.
+    /// `PORT` (default `8080`): the TCP port to listen on, on all interfaces; `0` picks a free one.
     pub port: u16,
     /// `NOTIFIER_RABBITMQ_HOST` and friends. `None` selects the embedded in-process bus.
     pub rabbitmq: Option<RabbitConfig>,
@@ -83,8 +85,7 @@ impl RabbitConfig {
 }
 
 /// Log line format.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogFormat {
     /// Human-readable lines.
     #[default]
@@ -119,206 +120,168 @@ impl fmt::Debug for Secret {
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(String);
 
-/// The environment as envy sees it: one field per variable, lower-cased.
+/// The environment as envy sees it: one field per variable (lower-cased), raw text. Typed
+/// parsing happens in [`Config::from_iter`], so every error can name its variable and say
+/// what was expected.
 #[derive(Deserialize)]
 struct Env {
-    #[serde(default = "default_port", deserialize_with = "port")]
-    port: u16,
+    port: Option<String>,
     notifier_rabbitmq_host: Option<String>,
-    #[serde(default = "default_amqp_port", deserialize_with = "port")]
-    notifier_rabbitmq_port: u16,
-    #[serde(default = "default_guest")]
-    notifier_rabbitmq_user: String,
-    #[serde(default = "default_guest")]
-    notifier_rabbitmq_password: String,
-    #[serde(default = "default_vhost")]
-    notifier_rabbitmq_vhost: String,
-    #[serde(default, deserialize_with = "boolean")]
-    notifier_rabbitmq_tls: bool,
-    #[serde(default = "default_exchange")]
-    notifier_exchange: String,
-    #[serde(default = "default_max_message_bytes", deserialize_with = "positive")]
-    notifier_max_message_bytes: usize,
-    #[serde(default = "default_memory_capacity", deserialize_with = "positive")]
-    notifier_memory_capacity: usize,
-    #[serde(default = "default_queue_max_length", deserialize_with = "positive")]
-    notifier_queue_max_length: u32,
-    #[serde(default = "default_prefetch", deserialize_with = "positive")]
-    notifier_prefetch: u16,
-    #[serde(default = "default_sessions_per_channel", deserialize_with = "positive")]
-    notifier_sessions_per_channel: usize,
-    #[serde(default = "default_channels_per_connection", deserialize_with = "channels")]
-    notifier_channels_per_connection: usize,
-    #[serde(default = "default_consumer_connections", deserialize_with = "positive")]
-    notifier_consumer_connections: usize,
-    #[serde(default = "default_publish_timeout_ms", deserialize_with = "positive")]
-    notifier_publish_timeout_ms: u64,
-    #[serde(default = "default_reconnect_max_secs", deserialize_with = "positive")]
-    notifier_reconnect_max_secs: u64,
-    #[serde(default = "default_ping_secs", deserialize_with = "positive")]
-    notifier_ws_ping_secs: u64,
-    #[serde(default = "default_send_timeout_secs", deserialize_with = "positive")]
-    notifier_ws_send_timeout_secs: u64,
-    #[serde(default = "default_write_buffer", deserialize_with = "positive")]
-    notifier_ws_write_buffer_bytes: usize,
-    #[serde(default = "default_shutdown_timeout_secs", deserialize_with = "positive")]
-    notifier_shutdown_timeout_secs: u64,
+    notifier_rabbitmq_port: Option<String>,
+    notifier_rabbitmq_user: Option<String>,
+    notifier_rabbitmq_password: Option<String>,
+    notifier_rabbitmq_vhost: Option<String>,
+    notifier_rabbitmq_tls: Option<String>,
+    notifier_exchange: Option<String>,
+    notifier_max_message_bytes: Option<String>,
+    notifier_memory_capacity: Option<String>,
+    notifier_queue_max_length: Option<String>,
+    notifier_prefetch: Option<String>,
+    notifier_sessions_per_channel: Option<String>,
+    notifier_channels_per_connection: Option<String>,
+    notifier_consumer_connections: Option<String>,
+    notifier_publish_timeout_ms: Option<String>,
+    notifier_reconnect_max_secs: Option<String>,
+    notifier_ws_ping_secs: Option<String>,
+    notifier_ws_send_timeout_secs: Option<String>,
+    notifier_ws_write_buffer_bytes: Option<String>,
+    notifier_shutdown_timeout_secs: Option<String>,
     hostname: Option<String>,
-    #[serde(default, deserialize_with = "log_format")]
-    log_format: LogFormat,
+    log_format: Option<String>,
 }
 
-fn default_port() -> u16 {
-    8080
-}
-fn default_amqp_port() -> u16 {
-    5672
-}
-fn default_guest() -> String {
-    "guest".into()
-}
-fn default_vhost() -> String {
-    "/".into()
-}
-fn default_exchange() -> String {
-    "chat".into()
-}
-fn default_max_message_bytes() -> usize {
-    4096
-}
-fn default_memory_capacity() -> usize {
-    1024
-}
-fn default_queue_max_length() -> u32 {
-    1000
-}
-fn default_prefetch() -> u16 {
-    64
-}
-fn default_sessions_per_channel() -> usize {
-    32
-}
-fn default_channels_per_connection() -> usize {
-    64
-}
-fn default_consumer_connections() -> usize {
-    4
-}
-fn default_publish_timeout_ms() -> u64 {
-    5000
-}
-fn default_reconnect_max_secs() -> u64 {
-    30
-}
-fn default_ping_secs() -> u64 {
-    20
-}
-fn default_send_timeout_secs() -> u64 {
-    30
-}
-fn default_write_buffer() -> usize {
-    64 * 1024
-}
-fn default_shutdown_timeout_secs() -> u64 {
-    5
-}
-
-/// Parses a value with `FromStr`, failing with a sentence that says what was expected.
-/// envy appends "while parsing value '...' provided by VARIABLE" to it.
-fn parse_with<'de, D, T>(deserializer: D, expected: &str, ok: impl Fn(&T) -> bool) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: std::str::FromStr,
-{
-    let raw = String::deserialize(deserializer)?;
+/// Parses one variable, or takes its default when it is unset.
+fn parse<T: FromStr>(
+    name: &str,
+    raw: Option<String>,
+    default: T,
+    expected: &str,
+    valid: impl Fn(&T) -> bool,
+) -> Result<T, ConfigError> {
+    let Some(raw) = raw else { return Ok(default) };
     match raw.trim().parse::<T>() {
-        Ok(value) if ok(&value) => Ok(value),
-        _ => Err(de::Error::custom(format!("expected {expected}"))),
+        Ok(value) if valid(&value) => Ok(value),
+        _ => Err(ConfigError(format!("{name}={raw:?}: expected {expected}"))),
     }
 }
 
-fn port<'de, D: Deserializer<'de>>(d: D) -> Result<u16, D::Error> {
-    parse_with(d, "a TCP port number from 1 to 65535", |p: &u16| *p > 0)
+fn port(name: &str, raw: Option<String>, default: u16) -> Result<u16, ConfigError> {
+    parse(name, raw, default, "a TCP port number from 1 to 65535", |p| *p > 0)
 }
 
-fn positive<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: Deserializer<'de>,
-    T: std::str::FromStr + Default + PartialOrd,
-{
-    parse_with(d, "a whole number greater than 0", |n: &T| *n > T::default())
+fn positive<T: FromStr + Default + PartialOrd>(
+    name: &str,
+    raw: Option<String>,
+    default: T,
+) -> Result<T, ConfigError> {
+    parse(name, raw, default, "a whole number greater than 0", |n| *n > T::default())
 }
 
-fn channels<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
-    parse_with(d, "a whole number from 1 to 2047 (RabbitMQ's channel_max)", |n: &usize| {
-        (1..=2047).contains(n)
-    })
-}
-
-fn boolean<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
-    let raw = String::deserialize(d)?;
-    match raw.trim().to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" => Ok(true),
-        "false" | "0" | "no" | "" => Ok(false),
-        _ => Err(de::Error::custom("expected true or false")),
+fn boolean(name: &str, raw: Option<String>) -> Result<bool, ConfigError> {
+    match raw.as_deref().map(|r| r.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("false" | "0" | "no" | "") => Ok(false),
+        Some("true" | "1" | "yes") => Ok(true),
+        Some(_) => Err(ConfigError(format!("{name}={:?}: expected true or false", raw.unwrap_or_default()))),
     }
 }
 
-fn log_format<'de, D: Deserializer<'de>>(d: D) -> Result<LogFormat, D::Error> {
-    let raw = String::deserialize(d)?;
-    match raw.trim().to_ascii_lowercase().as_str() {
-        "json" => Ok(LogFormat::Json),
-        "text" | "" => Ok(LogFormat::Text),
-        _ => Err(de::Error::custom("expected text or json")),
+fn log_format(raw: Option<String>) -> Result<LogFormat, ConfigError> {
+    match raw.as_deref().map(|r| r.trim().to_ascii_lowercase()).as_deref() {
+        None | Some("text" | "") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(_) => {
+            Err(ConfigError(format!("LOG_FORMAT={:?}: expected text or json", raw.unwrap_or_default())))
+        }
     }
+}
+
+fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
 }
 
 impl Config {
     /// Reads the process environment. The only place that does.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_iter(std::env::vars())
+        Self::from_vars(std::env::vars())
     }
 
     /// Reads configuration from `(NAME, value)` pairs, as if they were the environment.
-    pub fn from_iter(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Result<Self, ConfigError> {
         let env: Env = envy::from_iter(vars).map_err(|e| ConfigError(e.to_string()))?;
+        // Every variable is checked, even those of the bus not in use: a typo in a deployment
+        // should fail now, not when someone switches buses.
+        let rabbit = RabbitConfig {
+            host: String::new(),
+            port: port("NOTIFIER_RABBITMQ_PORT", env.notifier_rabbitmq_port, 5672)?,
+            user: env.notifier_rabbitmq_user.unwrap_or_else(|| "guest".into()),
+            password: Secret(env.notifier_rabbitmq_password.unwrap_or_else(|| "guest".into())),
+            vhost: env.notifier_rabbitmq_vhost.unwrap_or_else(|| "/".into()),
+            tls: boolean("NOTIFIER_RABBITMQ_TLS", env.notifier_rabbitmq_tls)?,
+            exchange: exchange_name(env.notifier_exchange.unwrap_or_else(|| "chat".into()))?,
+            queue_max_length: positive("NOTIFIER_QUEUE_MAX_LENGTH", env.notifier_queue_max_length, 1000)?,
+            prefetch: positive("NOTIFIER_PREFETCH", env.notifier_prefetch, 64)?,
+            sessions_per_channel: positive(
+                "NOTIFIER_SESSIONS_PER_CHANNEL",
+                env.notifier_sessions_per_channel,
+                32,
+            )?,
+            channels_per_connection: parse(
+                "NOTIFIER_CHANNELS_PER_CONNECTION",
+                env.notifier_channels_per_connection,
+                64,
+                "a whole number from 1 to 2047 (RabbitMQ's default channel_max)",
+                |n| (1..=2047).contains(n),
+            )?,
+            consumer_connections: positive(
+                "NOTIFIER_CONSUMER_CONNECTIONS",
+                env.notifier_consumer_connections,
+                4,
+            )?,
+            publish_timeout: Duration::from_millis(positive(
+                "NOTIFIER_PUBLISH_TIMEOUT_MS",
+                env.notifier_publish_timeout_ms,
+                5000,
+            )?),
+            reconnect_max: secs(positive(
+                "NOTIFIER_RECONNECT_MAX_SECS",
+                env.notifier_reconnect_max_secs,
+                30,
+            )?),
+        };
         let rabbitmq = match env.notifier_rabbitmq_host.map(|h| h.trim().to_owned()) {
             None => None,
             Some(host) if host.is_empty() => {
                 return Err(ConfigError(
-                    "expected a host name while parsing value '' provided by NOTIFIER_RABBITMQ_HOST \
-                     (unset it to use the embedded bus)"
+                    "NOTIFIER_RABBITMQ_HOST=\"\": expected a host name (unset it to use the embedded bus)"
                         .into(),
                 ));
             }
-            Some(host) => Some(RabbitConfig {
-                host,
-                port: env.notifier_rabbitmq_port,
-                user: env.notifier_rabbitmq_user,
-                password: Secret(env.notifier_rabbitmq_password),
-                vhost: env.notifier_rabbitmq_vhost,
-                tls: env.notifier_rabbitmq_tls,
-                exchange: exchange_name(env.notifier_exchange)?,
-                queue_max_length: env.notifier_queue_max_length,
-                prefetch: env.notifier_prefetch,
-                sessions_per_channel: env.notifier_sessions_per_channel,
-                channels_per_connection: env.notifier_channels_per_connection,
-                consumer_connections: env.notifier_consumer_connections,
-                publish_timeout: Duration::from_millis(env.notifier_publish_timeout_ms),
-                reconnect_max: Duration::from_secs(env.notifier_reconnect_max_secs),
-            }),
+            Some(host) => Some(RabbitConfig { host, ..rabbit }),
         };
         Ok(Self {
-            port: env.port,
+            // 0 asks the OS for a free port (tests, several local processes).
+            port: parse("PORT", env.port, 8080, "a TCP port number from 0 to 65535", |_| true)?,
             rabbitmq,
-            max_message_bytes: env.notifier_max_message_bytes,
-            memory_capacity: env.notifier_memory_capacity,
-            ws_ping_interval: Duration::from_secs(env.notifier_ws_ping_secs),
-            ws_send_timeout: Duration::from_secs(env.notifier_ws_send_timeout_secs),
-            ws_max_write_buffer: env.notifier_ws_write_buffer_bytes,
-            shutdown_timeout: Duration::from_secs(env.notifier_shutdown_timeout_secs),
+            max_message_bytes: positive("NOTIFIER_MAX_MESSAGE_BYTES", env.notifier_max_message_bytes, 4096)?,
+            memory_capacity: positive("NOTIFIER_MEMORY_CAPACITY", env.notifier_memory_capacity, 1024)?,
+            ws_ping_interval: secs(positive("NOTIFIER_WS_PING_SECS", env.notifier_ws_ping_secs, 20)?),
+            ws_send_timeout: secs(positive(
+                "NOTIFIER_WS_SEND_TIMEOUT_SECS",
+                env.notifier_ws_send_timeout_secs,
+                30,
+            )?),
+            ws_max_write_buffer: positive(
+                "NOTIFIER_WS_WRITE_BUFFER_BYTES",
+                env.notifier_ws_write_buffer_bytes,
+                64 * 1024,
+            )?,
+            shutdown_timeout: secs(positive(
+                "NOTIFIER_SHUTDOWN_TIMEOUT_SECS",
+                env.notifier_shutdown_timeout_secs,
+                5,
+            )?),
             replica: replica_name(env.hostname),
-            log_format: env.log_format,
+            log_format: log_format(env.log_format)?,
         })
     }
 
@@ -326,13 +289,13 @@ impl Config {
     pub fn local() -> Self {
         // An empty environment only takes defaults, which are all valid.
         #[expect(clippy::expect_used, reason = "defaults are constants checked by unit tests")]
-        Self::from_iter(std::iter::empty()).expect("the defaults are a valid configuration")
+        Self::from_vars(std::iter::empty()).expect("the defaults are a valid configuration")
     }
 
     /// The same configuration, using RabbitMQ at `host:port` with guest credentials.
     pub fn with_rabbitmq(mut self, host: &str, port: u16, exchange: &str) -> Self {
         #[expect(clippy::expect_used, reason = "defaults are constants checked by unit tests")]
-        let rabbit = Self::from_iter([
+        let rabbit = Self::from_vars([
             ("NOTIFIER_RABBITMQ_HOST".to_owned(), host.to_owned()),
             ("NOTIFIER_RABBITMQ_PORT".to_owned(), port.to_string()),
             ("NOTIFIER_EXCHANGE".to_owned(), exchange.to_owned()),
@@ -374,7 +337,7 @@ mod tests {
     use super::*;
 
     fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        Config::from_iter(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Config::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
     }
 
     #[test]
@@ -430,7 +393,8 @@ mod tests {
         let err = parse(&[("PORT", "abc")]).unwrap_err().to_string();
         assert!(err.contains("PORT"), "{err}");
         assert!(err.contains("expected a TCP port number"), "{err}");
-        let err = parse(&[("PORT", "0")]).unwrap_err().to_string();
+        assert!(err.contains("\"abc\""), "shows the value: {err}");
+        let err = parse(&[("PORT", "70000")]).unwrap_err().to_string();
         assert!(err.contains("PORT"), "{err}");
     }
 
@@ -457,8 +421,8 @@ mod tests {
 
     #[test]
     fn the_password_never_shows_in_debug_output() {
-        let cfg = parse(&[("NOTIFIER_RABBITMQ_HOST", "h"), ("NOTIFIER_RABBITMQ_PASSWORD", "hunter2")])
-            .unwrap();
+        let cfg =
+            parse(&[("NOTIFIER_RABBITMQ_HOST", "h"), ("NOTIFIER_RABBITMQ_PASSWORD", "hunter2")]).unwrap();
         let shown = format!("{cfg:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
     }

@@ -29,12 +29,12 @@ const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'sel
 pub fn router(state: AppState) -> Router {
     // JSON may escape each byte of the text as `\u00XX` (6 bytes), forms as `%XX` (3 bytes).
     let body_limit = state.config.max_message_bytes * 6 + 1024;
-    let static_files = Router::new()
-        .fallback_service(ServeDir::new(static_dir()))
-        .layer(SetResponseHeaderLayer::overriding(
+    let static_files = Router::new().fallback_service(ServeDir::new(static_dir())).layer(
+        SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=3600"),
-        ));
+        ),
+    );
     Router::new()
         .route("/", get(pages::index))
         .route("/messages", post(messages::post_message).layer(DefaultBodyLimit::max(body_limit)))
@@ -45,7 +45,10 @@ pub fn router(state: AppState) -> Router {
         .nest("/static", static_files)
         .fallback(|| async { AppError::NotFound })
         .layer(CompressionLayer::new())
-        .layer(SetResponseHeaderLayer::if_not_present(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP)))
+        .layer(SetResponseHeaderLayer::if_not_present(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static(CSP),
+        ))
         .layer(SetResponseHeaderLayer::if_not_present(
             header::X_CONTENT_TYPE_OPTIONS,
             HeaderValue::from_static("nosniff"),

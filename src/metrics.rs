@@ -56,29 +56,64 @@ impl Metrics {
         let mut out = String::with_capacity(4096);
         let counters: [(&str, &str, &AtomicU64); 11] = [
             ("fanout_chat_sessions_total", "WebSocket sessions opened", &self.sessions_total),
-            ("fanout_chat_messages_published_total", "messages published and confirmed by the bus", &self.published),
-            ("fanout_chat_publish_failures_total", "publishes refused with 503 (broker down, nack or timeout)", &self.publish_failures),
-            ("fanout_chat_messages_delivered_total", "message frames written to WebSocket sessions", &self.delivered),
-            ("fanout_chat_messages_skipped_total", "messages a slow session skipped (embedded bus)", &self.skipped),
-            ("fanout_chat_rejected_frames_total", "WebSocket frames refused (binary, oversized, invalid)", &self.rejected_frames),
-            ("fanout_chat_slow_sessions_closed_total", "sessions closed because their browser stopped reading", &self.slow_sessions_closed),
+            (
+                "fanout_chat_messages_published_total",
+                "messages published and confirmed by the bus",
+                &self.published,
+            ),
+            (
+                "fanout_chat_publish_failures_total",
+                "publishes refused with 503 (broker down, nack or timeout)",
+                &self.publish_failures,
+            ),
+            (
+                "fanout_chat_messages_delivered_total",
+                "message frames written to WebSocket sessions",
+                &self.delivered,
+            ),
+            (
+                "fanout_chat_messages_skipped_total",
+                "messages a slow session skipped (embedded bus)",
+                &self.skipped,
+            ),
+            (
+                "fanout_chat_rejected_frames_total",
+                "WebSocket frames refused (binary, oversized, invalid)",
+                &self.rejected_frames,
+            ),
+            (
+                "fanout_chat_slow_sessions_closed_total",
+                "sessions closed because their browser stopped reading",
+                &self.slow_sessions_closed,
+            ),
             ("fanout_chat_broker_connects_total", "successful broker (re)connections", &self.broker_connects),
             ("fanout_chat_broker_disconnects_total", "broker connections lost", &self.broker_disconnects),
-            ("fanout_chat_broker_reconnects_total", "broker connections re-established after a loss", &self.broker_reconnects),
-            ("fanout_chat_session_resubscribes_total", "session queues and consumers re-created after a broker or channel failure", &self.resubscribes),
+            (
+                "fanout_chat_broker_reconnects_total",
+                "broker connections re-established after a loss",
+                &self.broker_reconnects,
+            ),
+            (
+                "fanout_chat_session_resubscribes_total",
+                "session queues and consumers re-created after a broker or channel failure",
+                &self.resubscribes,
+            ),
         ];
         for (name, help, value) in counters {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
         }
         let gauges: [(&str, &str, &AtomicI64); 2] = [
             ("fanout_chat_sessions_open", "WebSocket sessions open now", &self.sessions_open),
             ("fanout_chat_broker_ready", "1 when the bus can publish, else 0", &self.broker_ready),
         ];
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
+            let _ =
+                writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
         }
         let name = "fanout_chat_publish_duration_seconds";
-        let _ = writeln!(out, "# HELP {name} time from publish to broker confirmation\n# TYPE {name} histogram");
+        let _ =
+            writeln!(out, "# HELP {name} time from publish to broker confirmation\n# TYPE {name} histogram");
         let h = &self.publish_latency;
         let mut cumulative = 0;
         for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&h.buckets) {

@@ -156,7 +156,6 @@ impl RabbitBus {
             // own queues are transient and ignore it.
             .with_delivery_mode(2);
         let body = envelope.to_json();
-        let started = Instant::now();
         let confirmed = tokio::time::timeout(config.publish_timeout, async {
             link.publisher
                 .basic_publish(
@@ -184,9 +183,8 @@ impl RabbitBus {
             }
             Err(_) => Err(BusError::Timeout(config.publish_timeout)),
         };
-        match &result {
-            Ok(()) => self.0.metrics.observe_publish(started.elapsed()),
-            Err(e) => tracing::warn!(error = %e, id = %envelope.id, "publish failed"),
+        if let Err(e) = &result {
+            tracing::warn!(error = %e, id = %envelope.id, "publish failed");
         }
         result
     }
@@ -320,7 +318,11 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                 match lost_at.take() {
                     Some(at) => {
                         shared.metrics.broker_reconnects.fetch_add(1, Relaxed);
-                        tracing::info!(outage_ms = at.elapsed().as_millis() as u64, generation, "broker link restored");
+                        tracing::info!(
+                            outage_ms = at.elapsed().as_millis() as u64,
+                            generation,
+                            "broker link restored"
+                        );
                     }
                     None => tracing::info!(
                         host = %config.host, port = config.port, exchange = %config.exchange,
@@ -375,18 +377,15 @@ async fn connect(shared: &Shared, generation: u64) -> Result<Arc<Link>, String> 
         let name = format!("fanout-chat {} {role}", shared.replica);
         let connection = tokio::time::timeout(CONNECT_TIMEOUT, open_connection(config, name))
             .await
-            .map_err(|_| format!("no answer from {}:{} within {CONNECT_TIMEOUT:?}", config.host, config.port))?
+            .map_err(|_| {
+                format!("no answer from {}:{} within {CONNECT_TIMEOUT:?}", config.host, config.port)
+            })?
             .map_err(|e| describe(config, &e))?;
         connections.push(connection);
     }
+    declare_exchange(&connections[0], &config.exchange).await.map_err(|e| describe(config, &e))?;
     let publisher = connections[0].create_channel().await.map_err(|e| describe(config, &e))?;
-    declare_exchange(&connections[0], &publisher, &config.exchange)
-        .await
-        .map_err(|e| describe(config, &e))?;
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .map_err(|e| describe(config, &e))?;
+    publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| describe(config, &e))?;
     Ok(Arc::new(Link {
         generation,
         publisher,
@@ -418,7 +417,9 @@ async fn open_connection(config: &RabbitConfig, name: String) -> Result<Connecti
 
 /// Declares the exchange durable. If one of that name exists with other properties, it is used
 /// as it is, with a warning: another team may own it, and refusing to start helps nobody.
-async fn declare_exchange(connection: &Connection, channel: &Channel, name: &str) -> Result<(), lapin::Error> {
+async fn declare_exchange(connection: &Connection, name: &str) -> Result<(), lapin::Error> {
+    // A channel of its own: a refused declare closes the channel it was made on.
+    let channel = connection.create_channel().await?;
     let declared = channel
         .exchange_declare(
             name.into(),
@@ -446,7 +447,11 @@ async fn declare_exchange(connection: &Connection, channel: &Channel, name: &str
             );
             Ok(())
         }
-        other => other,
+        Ok(()) => {
+            let _ = channel.close(200, "OK".into()).await;
+            Ok(())
+        }
+        Err(e) => Err(e),
     }
 }
 
@@ -485,7 +490,8 @@ async fn link_lost(link: &Link) -> String {
 async fn close_link(link: &Link) {
     for connection in &link.connections {
         if connection.status().connected() {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "fanout-chat closing".into())).await;
+            let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "fanout-chat closing".into()))
+                .await;
         }
     }
 }
@@ -528,39 +534,29 @@ impl Drop for RabbitSubscription {
 
 impl RabbitSubscription {
     pub async fn next(&mut self) -> Option<Event> {
-        loop {
-            match &mut self.state {
-                State::Active(active) => {
-                    let reason = match active.consumer.next().await {
-                        Some(Ok(delivery)) => {
-                            let lapin::message::Delivery { data, properties, acker, .. } = delivery;
-                            return Some(Event::Message(frame(data, &properties), Some(Ack(acker))));
-                        }
-                        Some(Err(e)) => e.to_string(),
-                        None => "the broker cancelled the session's consumer".to_owned(),
-                    };
-                    tracing::warn!(queue = %self.queue, %reason, "session delivery interrupted");
-                    let seen = active.generation;
-                    self.state = State::Restoring(tokio::spawn(restore(
-                        self.bus.clone(),
-                        self.queue.clone(),
-                        seen,
-                        self.cancel.clone(),
-                    )));
-                    return Some(Event::Interrupted(reason));
-                }
-                State::Restoring(task) => {
-                    let restored = task.await.ok().flatten();
-                    match restored {
-                        Some(active) => {
-                            self.bus.0.metrics.resubscribes.fetch_add(1, Relaxed);
-                            tracing::info!(queue = %self.queue, "session delivery restored");
-                            self.state = State::Active(active);
-                            return Some(Event::Restored);
-                        }
-                        None => return None,
+        match &mut self.state {
+            State::Active(active) => {
+                let reason = match active.consumer.next().await {
+                    Some(Ok(delivery)) => {
+                        let lapin::message::Delivery { data, properties, acker, .. } = delivery;
+                        return Some(Event::Message(frame(data, &properties), Some(Ack(acker))));
                     }
-                }
+                    Some(Err(e)) => e.to_string(),
+                    None => "the broker cancelled the session's consumer".to_owned(),
+                };
+                tracing::warn!(queue = %self.queue, %reason, "session delivery interrupted");
+                let failed_on = active.generation;
+                let restore = restore(self.bus.clone(), self.queue.clone(), failed_on, self.cancel.clone());
+                self.state = State::Restoring(tokio::spawn(restore));
+                Some(Event::Interrupted(reason))
+            }
+            State::Restoring(task) => {
+                // Awaiting a `&mut JoinHandle` is cancel-safe: the task keeps running.
+                let active = task.await.ok().flatten()?;
+                self.bus.0.metrics.resubscribes.fetch_add(1, Relaxed);
+                tracing::info!(queue = %self.queue, "session delivery restored");
+                self.state = State::Active(active);
+                Some(Event::Restored)
             }
         }
     }
@@ -576,7 +572,8 @@ async fn restore(bus: RabbitBus, queue: String, failed_on: u64, cancel: Cancella
             () = cancel.cancelled() => return None,
         };
         // A link that died with our consumer is useless; wait for the supervisor's next one.
-        let link = if link.generation == failed_on && !link.connections.iter().all(|c| c.status().connected()) {
+        let link = if link.generation == failed_on && !link.connections.iter().all(|c| c.status().connected())
+        {
             tokio::select! {
                 link = bus.wait_for_link(Some(failed_on)) => link?,
                 () = cancel.cancelled() => return None,

@@ -36,7 +36,9 @@ pub enum AppError {
 impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::Invalid(InvalidMessage::TooLong { .. }) | Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Invalid(InvalidMessage::TooLong { .. }) | Self::TooLarge(_) => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::Invalid(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound => StatusCode::NOT_FOUND,
@@ -50,7 +52,9 @@ impl AppError {
         match self {
             // The cause (host, port, broker error) is logged by the bus; the client only
             // needs to know that retrying is the right move.
-            Self::Bus(_) => "the message broker is not available right now; nothing was published, try again".into(),
+            Self::Bus(_) => {
+                "the message broker is not available right now; nothing was published, try again".into()
+            }
             other => other.to_string(),
         }
     }

@@ -48,7 +48,8 @@ fn parse_body(headers: &HeaderMap, body: &[u8]) -> Result<Draft, AppError> {
     let body = std::str::from_utf8(body)
         .map_err(|_| AppError::BadRequest("the request body is not valid UTF-8".into()))?;
     if is_json {
-        serde_json::from_str(body).map_err(|e| AppError::BadRequest(format!("the body is not valid message JSON: {e}")))
+        serde_json::from_str(body)
+            .map_err(|e| AppError::BadRequest(format!("the body is not valid message JSON: {e}")))
     } else {
         parse_form(body)
     }

@@ -21,7 +21,9 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let readiness = if state.is_draining() { Err("shutting down".to_owned()) } else { state.bus.readiness() };
     match readiness {
         Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready", "mode": state.config.mode() }))),
-        Err(reason) => (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": format!("not ready: {reason}") }))),
+        Err(reason) => {
+            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": format!("not ready: {reason}") })))
+        }
     }
 }
 

@@ -9,6 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::{
     extract::{
         State,
@@ -16,7 +17,6 @@ use axum::{
     },
     response::Response,
 };
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use serde_json::json;
 use tracing::Instrument;
 
@@ -76,7 +76,9 @@ impl Session {
         let end = self.serve().await;
         if let End::Close(code, reason) = end {
             let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-            let _ = tokio::time::timeout(Duration::from_secs(1), self.socket.send(Message::Close(Some(frame)))).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), self.socket.send(Message::Close(Some(frame))))
+                    .await;
         }
         metrics.sessions_open.fetch_sub(1, Relaxed);
         tracing::info!("session closed");
@@ -158,7 +160,8 @@ impl Session {
             Some(Ok(Message::Text(text))) => self.publish(text.as_str()).await,
             Some(Ok(Message::Binary(_))) => {
                 self.state.metrics.rejected_frames.fetch_add(1, Relaxed);
-                self.send_error("binary frames are not supported; send the message as a text frame".into()).await
+                self.send_error("binary frames are not supported; send the message as a text frame".into())
+                    .await
             }
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
         }

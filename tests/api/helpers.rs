@@ -1,0 +1,297 @@
+//! Test harness: spawn the real app on a free loopback port, talk to it with real clients.
+
+use std::{future::Future, net::SocketAddr, time::Duration};
+
+use fanout_chat::{Application, Config};
+use futures_util::{SinkExt, StreamExt};
+use lapin::{
+    Channel, Connection, ConnectionProperties,
+    options::{ExchangeDeleteOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use serde_json::Value;
+use tokio::{net::TcpStream, sync::oneshot, task::JoinHandle};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, tungstenite::Message};
+
+/// Every network wait in the tests is bounded by this.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// The broker the tests use: the machine's RabbitMQ on loopback.
+pub const AMQP_HOST: &str = "127.0.0.1";
+pub const AMQP_PORT: u16 = 5672;
+
+pub fn amqp_url() -> String {
+    format!("amqp://guest:guest@{AMQP_HOST}:{AMQP_PORT}/%2f")
+}
+
+/// Awaits `future`, failing the test with `what` if it takes longer than [`WAIT`].
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(WAIT, future).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub enum BusKind {
+    Memory,
+    Rabbit,
+}
+
+/// A unique exchange per test, so tests run in parallel without seeing each other.
+pub fn unique_exchange() -> String {
+    format!("fanout-chat-test.{}", ulid::Ulid::new())
+}
+
+pub fn test_config(kind: BusKind) -> Config {
+    let mut config = Config::local();
+    config.port = 0;
+    match kind {
+        BusKind::Memory => config,
+        BusKind::Rabbit => config.with_rabbitmq(AMQP_HOST, AMQP_PORT, &unique_exchange()),
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub http: reqwest::Client,
+    pub config: Config,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+pub async fn spawn_app(kind: BusKind) -> TestApp {
+    spawn_app_with(test_config(kind)).await
+}
+
+pub async fn spawn_app_with(config: Config) -> TestApp {
+    let app =
+        Application::build_on(config.clone(), [127, 0, 0, 1].into()).await.expect("bind a loopback port");
+    let addr = app.local_addr().expect("a bound address");
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let app = TestApp { addr, http: reqwest::Client::new(), config, stop: Some(stop), server: Some(server) };
+    app.wait_until_ready().await;
+    app
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn exchange(&self) -> &str {
+        &self.config.rabbitmq.as_ref().expect("a RabbitMQ app").exchange
+    }
+
+    /// Polls `/readyz` until it answers 200: the broker is connected and the exchange declared.
+    pub async fn wait_until_ready(&self) {
+        within("the app to report ready (is RabbitMQ running at 127.0.0.1:5672?)", async {
+            loop {
+                if let Ok(r) = self.http.get(self.url("/readyz")).send().await
+                    && r.status() == 200
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
+    pub async fn post_json(&self, body: Value) -> reqwest::Response {
+        within("POST /messages", self.http.post(self.url("/messages")).json(&body).send())
+            .await
+            .expect("POST /messages")
+    }
+
+    pub async fn post_form(&self, body: &str) -> reqwest::Response {
+        within(
+            "POST /messages",
+            self.http
+                .post(self.url("/messages"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .body(body.to_owned())
+                .send(),
+        )
+        .await
+        .expect("POST /messages")
+    }
+
+    pub async fn post_raw(&self, content_type: &str, body: Vec<u8>) -> reqwest::Response {
+        within(
+            "POST /messages",
+            self.http.post(self.url("/messages")).header("content-type", content_type).body(body).send(),
+        )
+        .await
+        .expect("POST /messages")
+    }
+
+    /// Posts `text` as `user` and returns the envelope from the 202 answer.
+    pub async fn post_text(&self, text: &str) -> Value {
+        let response = self.post_json(serde_json::json!({ "text": text, "user": "tester" })).await;
+        assert_eq!(response.status(), 202, "POST /messages of {text:?}");
+        response.json().await.expect("an envelope")
+    }
+
+    /// Opens a WebSocket session and waits for its welcome frame.
+    pub async fn connect(&self) -> WsClient {
+        let (stream, _) = within(
+            "the WebSocket handshake",
+            tokio_tungstenite::connect_async(format!("ws://{}/ws", self.addr)),
+        )
+        .await
+        .expect("a WebSocket session");
+        let mut client = WsClient { stream, session: String::new(), replica: String::new() };
+        let welcome = client.next_frame().await;
+        assert_eq!(welcome["type"], "welcome", "the first frame is the welcome: {welcome}");
+        client.session = welcome["session"].as_str().expect("a session id").to_owned();
+        client.replica = welcome["replica"].as_str().expect("a replica name").to_owned();
+        client
+    }
+
+    /// Stops the app the way SIGTERM does and checks it shut down cleanly; removes the
+    /// test's exchange.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            within("the app to shut down", server).await.expect("the server task").expect("a clean shutdown");
+        }
+        if let Some(rabbit) = &self.config.rabbitmq {
+            let service = service().await;
+            let _ = service
+                .channel
+                .exchange_delete(rabbit.exchange.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+pub struct WsClient {
+    pub stream: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub session: String,
+    pub replica: String,
+}
+
+impl WsClient {
+    /// The name the app gives this session's queue.
+    pub fn queue(&self) -> String {
+        format!("fanout-chat.{}.{}", self.replica, self.session)
+    }
+
+    /// The next text frame as JSON; pings and pongs are skipped. Panics on close.
+    pub async fn next_frame(&mut self) -> Value {
+        within("a WebSocket frame", async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Text(text))) => {
+                        return serde_json::from_str(&text).expect("frames are JSON");
+                    }
+                    Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                    other => panic!("expected a text frame, got {other:?}"),
+                }
+            }
+        })
+        .await
+    }
+
+    /// The next message envelope (a frame without `type`); notices are returned too, so a
+    /// test sees anything unexpected.
+    pub async fn next_message(&mut self) -> Value {
+        let frame = self.next_frame().await;
+        assert!(frame.get("type").is_none(), "expected a message envelope, got {frame}");
+        frame
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        within("a WebSocket send", self.stream.send(Message::text(text))).await.expect("send a frame");
+    }
+
+    pub async fn send(&mut self, message: Message) {
+        within("a WebSocket send", self.stream.send(message)).await.expect("send a frame");
+    }
+
+    /// Waits for the server's Close frame and returns its code and reason.
+    pub async fn closed(&mut self) -> (u16, String) {
+        within("the server to close the session", async {
+            loop {
+                match self.stream.next().await {
+                    Some(Ok(Message::Close(Some(frame)))) => {
+                        return (u16::from(frame.code), frame.reason.to_string());
+                    }
+                    Some(Ok(Message::Close(None))) | None => return (1005, String::new()),
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => panic!("the session broke instead of closing: {e}"),
+                }
+            }
+        })
+        .await
+    }
+
+    pub async fn close(mut self) {
+        let _ = within("a WebSocket close", self.stream.close(None)).await;
+        // Drain until the server's close arrives, so the session has really ended.
+        let _ =
+            tokio::time::timeout(WAIT, async { while let Some(Ok(_)) = self.stream.next().await {} }).await;
+    }
+}
+
+/// A connection of the test's own: "another service" on the same broker. Closed on drop.
+pub struct Service {
+    /// Held so the connection stays open as long as the channel is used.
+    pub _connection: Connection,
+    pub channel: Channel,
+}
+
+pub async fn service() -> Service {
+    let connection = within(
+        "a test connection to RabbitMQ",
+        Connection::connect(&amqp_url(), ConnectionProperties::default()),
+    )
+    .await
+    .expect("RabbitMQ at 127.0.0.1:5672 (start it with `rabbitmq-server -detached`)");
+    let channel = connection.create_channel().await.expect("a channel");
+    Service { _connection: connection, channel }
+}
+
+/// Whether a queue exists, asked from another connection. An exclusive queue of another
+/// connection answers RESOURCE_LOCKED (405), a missing one NOT_FOUND (404); either closes
+/// the asking channel, so each question uses a fresh one.
+pub async fn queue_exists(name: &str) -> bool {
+    let service = service().await;
+    let declared = service
+        .channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions { passive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await;
+    match declared {
+        Ok(_) => true,
+        Err(e) => {
+            let text = e.to_string();
+            if text.contains("RESOURCE_LOCKED") || text.contains("RESOURCELOCKED") || text.contains("405") {
+                true
+            } else if text.contains("NOT_FOUND") || text.contains("NOTFOUND") || text.contains("404") {
+                false
+            } else {
+                panic!("unexpected answer to a passive declare of {name}: {text}")
+            }
+        }
+    }
+}
+
+/// Waits until the queue exists (`true`) or is gone (`false`).
+pub async fn wait_for_queue(name: &str, exists: bool) {
+    within(&format!("queue {name} to {}", if exists { "appear" } else { "disappear" }), async {
+        while queue_exists(name).await != exists {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}

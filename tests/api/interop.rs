@@ -1,0 +1,132 @@
+//! Other services on the same exchange: what they publish reaches browsers, and what browsers
+//! post reaches their queues.
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties,
+    options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
+use serde_json::{Value, json};
+
+use crate::helpers::{BusKind, Service, TestApp, service, spawn_app, within};
+
+async fn publish_raw(service: &Service, app: &TestApp, body: &[u8], properties: BasicProperties) {
+    service
+        .channel
+        .basic_publish(app.exchange().into(), "".into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .expect("publish")
+        .await
+        .expect("broker accepted it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_services_queue_receives_what_browsers_post_as_envelope_json() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    let service = service().await;
+    let queue = service
+        .channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions { exclusive: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    service
+        .channel
+        .queue_bind(
+            queue.name().clone(),
+            app.exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut consumer = service
+        .channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let accepted = app.post_text("for the audit service").await;
+    let delivery = within("the service's delivery", consumer.next()).await.unwrap().unwrap();
+    let body: Value = serde_json::from_slice(&delivery.data).unwrap();
+    assert_eq!(body, accepted);
+    let p = &delivery.properties;
+    assert_eq!(p.content_type().as_ref().map(|s| s.as_str()), Some("application/json"));
+    assert_eq!(p.message_id().as_ref().map(|s| s.as_str()), accepted["id"].as_str());
+    assert!(p.timestamp().is_some_and(|t| t > 1_700_000_000), "timestamp set");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_text_from_another_service_reaches_browsers_as_text() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    let mut session = app.connect().await;
+    let service = service().await;
+    publish_raw(
+        &service,
+        &app,
+        b"deploy finished <b>ok</b>",
+        BasicProperties::default().with_message_id("deploy-7".into()).with_app_id("ci".into()),
+    )
+    .await;
+    let message = session.next_message().await;
+    assert_eq!(message["text"], "deploy finished <b>ok</b>");
+    assert_eq!(message["id"], "deploy-7", "the id comes from message_id");
+    assert_eq!(message["user"], "ci", "the sender is the publishing app");
+    assert!(message["ts"].as_str().is_some_and(|t| t.ends_with('Z')));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_of_another_shape_reaches_browsers_as_its_text() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    let mut session = app.connect().await;
+    let service = service().await;
+    let body = json!({ "event": "order.paid", "order": 42 }).to_string();
+    publish_raw(&service, &app, body.as_bytes(), BasicProperties::default()).await;
+    let message = session.next_message().await;
+    assert_eq!(message["text"], body);
+    assert_eq!(message["id"].as_str().map(str::len), Some(26), "a fresh ULID: {message}");
+    // A foreign envelope-shaped JSON with extra fields is not trusted as an envelope either.
+    let sneaky = json!({ "id": "x", "text": "t", "ts": "2026-11-23T10:00:00Z", "type": "error" }).to_string();
+    publish_raw(&service, &app, sneaky.as_bytes(), BasicProperties::default()).await;
+    let message = session.next_message().await;
+    assert_eq!(message["text"], sneaky);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_existing_exchange_of_another_type_is_used_as_it_is() {
+    let service = service().await;
+    let config = crate::helpers::test_config(BusKind::Rabbit);
+    let exchange = config.rabbitmq.as_ref().unwrap().exchange.clone();
+    service
+        .channel
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Topic,
+            lapin::options::ExchangeDeclareOptions {
+                durable: false,
+                auto_delete: false,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    // The app starts, reports ready, and publishes to it rather than crashing.
+    let app = crate::helpers::spawn_app_with(config).await;
+    let response = app.post_json(json!({ "text": "on a topic exchange" })).await;
+    assert_eq!(response.status(), 202);
+    app.stop().await;
+}

@@ -1,0 +1,121 @@
+//! Probes, metrics, an unreachable broker, and shutdown.
+
+use serde_json::{Value, json};
+
+use crate::{
+    both_buses,
+    helpers::{BusKind, spawn_app, spawn_app_with, test_config, wait_for_queue, within},
+};
+
+both_buses!(
+    health_and_readiness_answer_200_when_the_bus_is_up,
+    metrics_count_sessions_and_messages_in_prometheus_text,
+    stopping_closes_every_session_with_1001,
+);
+
+async fn health_and_readiness_answer_200_when_the_bus_is_up(kind: BusKind) {
+    let app = spawn_app(kind).await;
+    let health = app.http.get(app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = app.http.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: Value = ready.json().await.unwrap();
+    assert_eq!(body["mode"], app.config.mode());
+    app.stop().await;
+}
+
+async fn metrics_count_sessions_and_messages_in_prometheus_text(kind: BusKind) {
+    let app = spawn_app(kind).await;
+    let mut session = app.connect().await;
+    app.post_text("counted").await;
+    session.next_message().await;
+    let metrics = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+            .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+            .parse()
+            .unwrap()
+    };
+    let response = app.http.get(app.url("/metrics")).send().await.unwrap();
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    assert_eq!(metrics(&text, "fanout_chat_sessions_open"), 1.0);
+    assert_eq!(metrics(&text, "fanout_chat_messages_published_total"), 1.0);
+    assert_eq!(metrics(&text, "fanout_chat_publish_duration_seconds_count"), 1.0);
+    // The delivered counter moves after the frame is written, so wait for it.
+    within("the delivery to be counted", async {
+        loop {
+            let text = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+            if metrics(&text, "fanout_chat_messages_delivered_total") == 1.0 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(text.contains("# TYPE fanout_chat_broker_reconnects_total counter"));
+    app.stop().await;
+}
+
+async fn stopping_closes_every_session_with_1001(kind: BusKind) {
+    let app = spawn_app(kind).await;
+    let mut first = app.connect().await;
+    let mut second = app.connect().await;
+    let queue = first.queue();
+    let rabbit = app.config.rabbitmq.is_some();
+    let stopping = tokio::spawn(app.stop());
+    assert_eq!(first.closed().await, (1001, "server shutting down".to_owned()));
+    assert_eq!(second.closed().await.0, 1001);
+    within("the app to stop", stopping).await.unwrap();
+    if rabbit {
+        wait_for_queue(&queue, false).await;
+    }
+}
+
+/// A broker that does not answer: the process serves, reports not-ready with a reason, and
+/// refuses publishes and sessions with 503 rather than pretending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_broker_the_app_serves_but_is_not_ready_and_answers_503() {
+    // Port 9 (discard) is closed on loopback: connections are refused at once.
+    let config = test_config(BusKind::Memory).with_rabbitmq("127.0.0.1", 9, "unreachable");
+    let app = fanout_chat::Application::build_on(config, [127, 0, 0, 1].into()).await.unwrap();
+    let addr = app.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let url = |path: &str| format!("http://{addr}{path}");
+
+    assert_eq!(http.get(url("/healthz")).send().await.unwrap().status(), 200, "alive without a broker");
+    let ready = http.get(url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let reason: Value = ready.json().await.unwrap();
+    assert!(reason["error"].as_str().unwrap().contains("not ready"), "{reason}");
+
+    let post = http.post(url("/messages")).json(&json!({ "text": "lost?" })).send().await.unwrap();
+    assert_eq!(post.status(), 503);
+    assert_eq!(post.headers()["retry-after"], "1");
+    let body: Value = post.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("nothing was published"), "{body}");
+
+    let ws = tokio_tungstenite::connect_async(format!("ws://{addr}/ws")).await;
+    match ws {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 503),
+        other => panic!("expected the upgrade to be refused with 503, got {other:?}"),
+    }
+    // The page still renders: people see the app, and its status says it is not connected.
+    assert_eq!(http.get(url("/")).send().await.unwrap().status(), 200);
+
+    let _ = stop.send(());
+    within("shutdown without a broker", server).await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_get_a_json_404() {
+    let app = spawn_app_with(test_config(BusKind::Memory)).await;
+    let response = app.http.get(app.url("/nope")).send().await.unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(response.json::<Value>().await.unwrap()["error"].is_string());
+    app.stop().await;
+}
