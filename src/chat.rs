@@ -2,6 +2,8 @@
 //!
 //! Knows nothing of HTTP or AMQP: the web layer and the buses call into it.
 
+use std::sync::Mutex;
+
 use serde::{Deserialize, Serialize};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -27,12 +29,7 @@ impl Envelope {
     /// Stamps a validated message with a fresh id and the current time.
     pub fn new(message: NewMessage) -> Self {
         let now = OffsetDateTime::now_utc();
-        Self {
-            id: ulid::Ulid::new().to_string(),
-            text: message.text,
-            user: message.user,
-            ts: rfc3339_millis(now),
-        }
+        Self { id: next_id(), text: message.text, user: message.user, ts: rfc3339_millis(now) }
     }
 
     /// The envelope as JSON, the body of an AMQP message and of a WebSocket frame.
@@ -91,6 +88,17 @@ pub enum Decoded {
     Envelope,
     /// The body was something else, now wrapped in this envelope.
     Wrapped(Envelope),
+}
+
+/// A new ULID, greater than every one this process made before, even within one millisecond
+/// (plain `Ulid::new()` is random within the millisecond, so two messages accepted in the same
+/// millisecond could sort in the wrong order).
+fn next_id() -> String {
+    static GENERATOR: Mutex<ulid::Generator> = Mutex::new(ulid::Generator::new());
+    let generated = GENERATOR.lock().map_err(|_| ()).and_then(|mut g| g.generate().map_err(|_| ()));
+    // The generator fails only after 2^80 ids in one millisecond, or if a thread panicked
+    // while holding the lock; a random ULID is then the best we can do.
+    generated.unwrap_or_else(|()| ulid::Ulid::new()).to_string()
 }
 
 fn rfc3339_millis(t: OffsetDateTime) -> String {
@@ -169,6 +177,9 @@ mod tests {
         let b = Envelope::new(draft("b").validate(10).unwrap());
         assert_eq!(a.id.len(), 26);
         assert!(a.id < b.id, "{} then {}", a.id, b.id);
+        // Within one millisecond too.
+        let ids: Vec<String> = (0..1000).map(|_| next_id()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "ids made in a burst are increasing");
         assert!(a.ts.ends_with('Z') && a.ts.len() == 24, "{}", a.ts);
         assert!(OffsetDateTime::parse(&a.ts, &Rfc3339).is_ok());
     }
