@@ -295,3 +295,14 @@ pub async fn wait_for_queue(name: &str, exists: bool) {
     })
     .await;
 }
+
+/// Runs `rabbitmqctl -q --no-table-headers ARGS` against the local node: the broker's own view.
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let output = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "--no-table-headers"])
+        .args(args)
+        .output()
+        .expect("rabbitmqctl (it comes with rabbitmq-server)");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}

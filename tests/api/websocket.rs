@@ -1,13 +1,11 @@
 //! `GET /ws`: sessions, frames from the browser, bad frames, and each session's own queue.
 
-use std::process::Command;
-
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::{
     both_buses,
-    helpers::{BusKind, spawn_app, wait_for_queue},
+    helpers::{BusKind, rabbitmqctl, spawn_app, wait_for_queue},
 };
 
 both_buses!(
@@ -129,14 +127,4 @@ async fn a_session_queue_is_exclusive_auto_delete_bounded_and_consumed_with_a_pr
         "bound to the exchange"
     );
     app.stop().await;
-}
-
-fn rabbitmqctl(args: &[&str]) -> String {
-    let output = Command::new("rabbitmqctl")
-        .args(["-q", "--no-table-headers"])
-        .args(args)
-        .output()
-        .expect("rabbitmqctl (it comes with rabbitmq-server)");
-    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8(output.stdout).unwrap()
 }
