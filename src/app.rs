@@ -2,16 +2,14 @@
 //!
 //! Shutdown order: readiness turns 503 → the listener stops accepting → every session is
 //! closed with 1001 (its consumer cancelled, its queue deleted) → wait for them, bounded →
-//! close the broker connections → return.
+//! close the broker connections → return. Sessions and requests share one deadline
+//! (`NOTIFIER_SHUTDOWN_TIMEOUT_SECS`), and closing the broker connections takes at most 2 s more.
 
 use std::{
-    future::Future,
+    future::{Future, IntoFuture},
     io,
     net::{Ipv4Addr, SocketAddr},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
-    },
+    sync::{Arc, atomic::Ordering::Relaxed},
 };
 
 use tokio::net::TcpListener;
@@ -38,12 +36,12 @@ pub struct AppState {
     /// `?v=` of the page's asset URLs: changes with every build, so browsers never mix an old
     /// script with a new page.
     pub asset_version: Arc<str>,
-    draining: Arc<AtomicBool>,
 }
 
 impl AppState {
+    /// Shutting down: not ready, no new sessions.
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Relaxed)
+        self.shutdown.is_cancelled()
     }
 
     /// Publishes on the bus, counting the outcome.
@@ -98,7 +96,6 @@ impl Application {
             metrics,
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
-            draining: Arc::new(AtomicBool::new(false)),
         };
         Ok(Self { listener, state, bus_shutdown })
     }
@@ -111,7 +108,6 @@ impl Application {
     pub async fn run_until_stopped(self, stop: impl Future<Output = ()> + Send + 'static) -> io::Result<()> {
         let Self { listener, state, bus_shutdown } = self;
         let shutdown = state.shutdown.clone();
-        let draining = state.draining.clone();
         let sessions = state.sessions.clone();
         let bus = state.bus.clone();
         let grace = state.config.shutdown_timeout;
@@ -119,27 +115,32 @@ impl Application {
 
         let stopping = shutdown.clone();
         tokio::spawn(async move {
-            tokio::select! {
-                () = stop => tracing::info!("stop signal received; shutting down"),
-                () = stopping.cancelled() => {}
-            }
-            draining.store(true, Relaxed);
+            stop.await;
+            tracing::info!("stop signal received; shutting down");
             stopping.cancel();
         });
 
         let server = axum::serve(listener, http::router(state))
             .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let mut server = tokio::spawn(server.into_future());
         tokio::select! {
-            result = server => result?,
-            // Open HTTP requests (a publish waiting for its confirm) get the grace period.
-            () = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-                tracing::warn!("HTTP connections still open after the grace period; closing them");
+            result = &mut server => return result.map_err(io::Error::other)?,
+            () = shutdown.cancelled() => {}
+        }
+        // One deadline, from the stop signal, for open HTTP requests (a publish waiting for its
+        // confirm) and sessions together.
+        let deadline = tokio::time::Instant::now() + grace;
+        match tokio::time::timeout_at(deadline, &mut server).await {
+            Ok(result) => result.map_err(io::Error::other)??,
+            Err(_) => {
+                tracing::warn!("HTTP connections still open at the shutdown deadline; closing them");
+                server.abort();
             }
         }
 
         sessions.close();
-        if tokio::time::timeout(grace, sessions.wait()).await.is_err() {
-            tracing::warn!(open = sessions.len(), "sessions still closing after the grace period");
+        if tokio::time::timeout_at(deadline, sessions.wait()).await.is_err() {
+            tracing::warn!(open = sessions.len(), "sessions still open at the shutdown deadline");
         }
         bus_shutdown.cancel();
         bus.close().await;

@@ -488,12 +488,11 @@ async fn link_lost(link: &Link) -> String {
 }
 
 async fn close_link(link: &Link) {
-    for connection in &link.connections {
-        if connection.status().connected() {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "fanout-chat closing".into()))
-                .await;
-        }
-    }
+    let closing = link.connections.iter().filter(|c| c.status().connected()).map(|connection| async move {
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "fanout-chat closing".into())).await;
+    });
+    futures_util::future::join_all(closing).await;
 }
 
 fn unix_now() -> u64 {

@@ -137,7 +137,10 @@ impl Session {
             }
             Event::Gap(missed) => self.send_json(json!({ "type": "gap", "missed": missed })).await,
             Event::Interrupted(reason) => {
-                self.send_json(json!({ "type": "interrupted", "reason": "the server lost its message broker link; waiting for it to come back", "detail": reason })).await
+                // The cause is logged by the bus; the browser needs to know what it means.
+                tracing::debug!(%reason, "telling the browser delivery is interrupted");
+                let reason = "the server lost its message broker link; waiting for it to come back";
+                self.send_json(json!({ "type": "interrupted", "reason": reason })).await
             }
             Event::Restored => self.send_json(json!({ "type": "restored" })).await,
         }
