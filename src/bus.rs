@@ -62,6 +62,9 @@ pub enum Event {
     Message(Frame, Option<Ack>),
     /// This many messages were dropped because the session fell behind.
     Gap(u64),
+    /// A message (from another service) too large for a WebSocket frame was skipped;
+    /// acknowledge it once the browser was told.
+    Oversized { bytes: usize, ack: Ack },
     /// Delivery stopped (broker link or channel lost); the subscription is being restored.
     Interrupted(String),
     /// Delivery is back after an interruption.
@@ -91,9 +94,13 @@ impl Bus {
     pub fn start(config: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
         match &config.rabbitmq {
             None => Self::Memory(MemoryBus::new(config.memory_capacity, metrics)),
-            Some(rabbit) => {
-                Self::Rabbit(RabbitBus::start(rabbit.clone(), config.replica.clone(), metrics, shutdown))
-            }
+            Some(rabbit) => Self::Rabbit(RabbitBus::start(
+                rabbit.clone(),
+                config.replica.clone(),
+                config.max_frame_bytes(),
+                metrics,
+                shutdown,
+            )),
         }
     }
 
@@ -110,7 +117,7 @@ impl Bus {
     pub async fn subscribe(&self, session: &str) -> Result<Subscription, BusError> {
         match self {
             Self::Memory(bus) => Ok(Subscription::Memory(bus.subscribe())),
-            Self::Rabbit(bus) => bus.subscribe(session).await.map(Subscription::Rabbit),
+            Self::Rabbit(bus) => bus.subscribe(session).await.map(|s| Subscription::Rabbit(Box::new(s))),
         }
     }
 
@@ -134,7 +141,8 @@ impl Bus {
 /// One session's stream of [`Event`]s. Dropping it unbinds the session (its queue goes away).
 pub enum Subscription {
     Memory(memory::MemorySubscription),
-    Rabbit(rabbit::RabbitSubscription),
+    /// Boxed: it is ten times the size of the other, and one is made per session.
+    Rabbit(Box<rabbit::RabbitSubscription>),
 }
 
 impl Subscription {

@@ -52,7 +52,10 @@ impl Envelope {
         let now = OffsetDateTime::now_utc();
         let ts = foreign
             .timestamp
-            .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs as i64).ok())
+            .and_then(|secs| i64::try_from(secs).ok())
+            .and_then(|secs| OffsetDateTime::from_unix_timestamp(secs).ok())
+            // Years before 0 or after 9999 have no RFC 3339 form.
+            .filter(|t| (0..=9999).contains(&t.year()))
             .unwrap_or(now);
         Decoded::Wrapped(Self {
             id: foreign

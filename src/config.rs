@@ -58,7 +58,7 @@ pub struct RabbitConfig {
     pub exchange: String,
     /// `NOTIFIER_QUEUE_MAX_LENGTH` (default `1000`): `x-max-length` of each session queue; the
     /// oldest ready message is dropped first, so a stalled browser cannot fill the broker.
-    pub queue_max_length: u32,
+    pub queue_max_length: i32,
     /// `NOTIFIER_PREFETCH` (default `64`): unacknowledged deliveries per session consumer. This
     /// is also the bound on lapin's in-process buffer for the session.
     pub prefetch: u16,
@@ -169,6 +169,18 @@ fn port(name: &str, raw: Option<String>, default: u16) -> Result<u16, ConfigErro
     parse(name, raw, default, "a TCP port number from 1 to 65535", |p| *p > 0)
 }
 
+/// A whole number within `low..=high`: upper bounds keep every derived figure (frame limits,
+/// timeouts) far from overflow.
+fn ranged<T: FromStr + PartialOrd + std::fmt::Display + Copy>(
+    name: &str,
+    raw: Option<String>,
+    default: T,
+    low: T,
+    high: T,
+) -> Result<T, ConfigError> {
+    parse(name, raw, default, &format!("a whole number from {low} to {high}"), |n| (low..=high).contains(n))
+}
+
 fn positive<T: FromStr + Default + PartialOrd>(
     name: &str,
     raw: Option<String>,
@@ -218,12 +230,20 @@ impl Config {
             vhost: env.notifier_rabbitmq_vhost.unwrap_or_else(|| "/".into()),
             tls: boolean("NOTIFIER_RABBITMQ_TLS", env.notifier_rabbitmq_tls)?,
             exchange: exchange_name(env.notifier_exchange.unwrap_or_else(|| "chat".into()))?,
-            queue_max_length: positive("NOTIFIER_QUEUE_MAX_LENGTH", env.notifier_queue_max_length, 1000)?,
+            queue_max_length: ranged(
+                "NOTIFIER_QUEUE_MAX_LENGTH",
+                env.notifier_queue_max_length,
+                1000,
+                1,
+                i32::MAX,
+            )?,
             prefetch: positive("NOTIFIER_PREFETCH", env.notifier_prefetch, 64)?,
-            sessions_per_channel: positive(
+            sessions_per_channel: ranged(
                 "NOTIFIER_SESSIONS_PER_CHANNEL",
                 env.notifier_sessions_per_channel,
                 32,
+                1,
+                10_000,
             )?,
             channels_per_connection: parse(
                 "NOTIFIER_CHANNELS_PER_CONNECTION",
@@ -232,20 +252,26 @@ impl Config {
                 "a whole number from 1 to 2047 (RabbitMQ's default channel_max)",
                 |n| (1..=2047).contains(n),
             )?,
-            consumer_connections: positive(
+            consumer_connections: ranged(
                 "NOTIFIER_CONSUMER_CONNECTIONS",
                 env.notifier_consumer_connections,
                 4,
+                1,
+                64,
             )?,
-            publish_timeout: Duration::from_millis(positive(
+            publish_timeout: Duration::from_millis(ranged(
                 "NOTIFIER_PUBLISH_TIMEOUT_MS",
                 env.notifier_publish_timeout_ms,
                 5000,
+                1,
+                600_000,
             )?),
-            reconnect_max: secs(positive(
+            reconnect_max: secs(ranged(
                 "NOTIFIER_RECONNECT_MAX_SECS",
                 env.notifier_reconnect_max_secs,
                 30,
+                1,
+                3600,
             )?),
         };
         let rabbitmq = match env.notifier_rabbitmq_host.map(|h| h.trim().to_owned()) {
@@ -262,23 +288,41 @@ impl Config {
             // 0 asks the OS for a free port (tests, several local processes).
             port: parse("PORT", env.port, 8080, "a TCP port number from 0 to 65535", |_| true)?,
             rabbitmq,
-            max_message_bytes: positive("NOTIFIER_MAX_MESSAGE_BYTES", env.notifier_max_message_bytes, 4096)?,
-            memory_capacity: positive("NOTIFIER_MEMORY_CAPACITY", env.notifier_memory_capacity, 1024)?,
-            ws_ping_interval: secs(positive("NOTIFIER_WS_PING_SECS", env.notifier_ws_ping_secs, 20)?),
-            ws_send_timeout: secs(positive(
+            max_message_bytes: ranged(
+                "NOTIFIER_MAX_MESSAGE_BYTES",
+                env.notifier_max_message_bytes,
+                4096,
+                1,
+                1 << 20,
+            )?,
+            memory_capacity: ranged(
+                "NOTIFIER_MEMORY_CAPACITY",
+                env.notifier_memory_capacity,
+                1024,
+                1,
+                1 << 20,
+            )?,
+            ws_ping_interval: secs(ranged("NOTIFIER_WS_PING_SECS", env.notifier_ws_ping_secs, 20, 1, 3600)?),
+            ws_send_timeout: secs(ranged(
                 "NOTIFIER_WS_SEND_TIMEOUT_SECS",
                 env.notifier_ws_send_timeout_secs,
                 30,
+                1,
+                3600,
             )?),
-            ws_max_write_buffer: positive(
+            ws_max_write_buffer: ranged(
                 "NOTIFIER_WS_WRITE_BUFFER_BYTES",
                 env.notifier_ws_write_buffer_bytes,
                 64 * 1024,
+                1024,
+                1 << 26,
             )?,
-            shutdown_timeout: secs(positive(
+            shutdown_timeout: secs(ranged(
                 "NOTIFIER_SHUTDOWN_TIMEOUT_SECS",
                 env.notifier_shutdown_timeout_secs,
                 5,
+                1,
+                60,
             )?),
             replica: replica_name(env.hostname),
             log_format: log_format(env.log_format)?,
@@ -304,6 +348,13 @@ impl Config {
         .rabbitmq;
         self.rabbitmq = rabbit;
         self
+    }
+
+    /// The largest WebSocket frame a valid message can make: JSON may escape each byte of the
+    /// text as `\u00XX` (6 bytes), plus the id, timestamp and user. Also the limit of a
+    /// request body and of a browser's frame.
+    pub fn max_frame_bytes(&self) -> usize {
+        self.max_message_bytes * 6 + 1024
     }
 
     /// `"rabbitmq"` or `"memory"`: which bus this configuration selects.

@@ -12,7 +12,7 @@ use axum::{
     Router,
     extract::DefaultBodyLimit,
     http::{HeaderValue, header},
-    routing::{get, post},
+    routing::{any, get, post},
 };
 use tower_http::{
     compression::CompressionLayer, services::ServeDir, set_header::SetResponseHeaderLayer, trace::TraceLayer,
@@ -27,14 +27,13 @@ const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'sel
                    frame-ancestors 'none'; base-uri 'none'; form-action 'self'";
 
 pub fn router(state: AppState) -> Router {
-    // JSON may escape each byte of the text as `\u00XX` (6 bytes), forms as `%XX` (3 bytes).
-    let body_limit = state.config.max_message_bytes * 6 + 1024;
-    let static_files = Router::new().fallback_service(ServeDir::new(static_dir())).layer(
-        SetResponseHeaderLayer::overriding(
+    let body_limit = state.config.max_frame_bytes();
+    let static_files = Router::new()
+        .fallback_service(ServeDir::new(static_dir()).fallback(any(|| async { AppError::NotFound })))
+        .layer(SetResponseHeaderLayer::overriding(
             header::CACHE_CONTROL,
             HeaderValue::from_static("public, max-age=3600"),
-        ),
-    );
+        ));
     Router::new()
         .route("/", get(pages::index))
         .route("/messages", post(messages::post_message).layer(DefaultBodyLimit::max(body_limit)))
@@ -44,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(probes::metrics))
         .nest("/static", static_files)
         .fallback(|| async { AppError::NotFound })
+        .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })
         .layer(CompressionLayer::new())
         .layer(SetResponseHeaderLayer::if_not_present(
             header::CONTENT_SECURITY_POLICY,

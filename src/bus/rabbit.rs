@@ -51,6 +51,8 @@ const RECONNECT_BASE: Duration = Duration::from_millis(250);
 const HEARTBEAT_SECS: u16 = 15;
 /// How long to wait for the TCP + AMQP handshake before trying again.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A link up for this long is healthy: its loss starts the backoff from the beginning.
+const STABLE_LINK: Duration = Duration::from_secs(30);
 /// How long a clean close of a connection may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -61,6 +63,8 @@ pub struct RabbitBus(Arc<Shared>);
 struct Shared {
     config: RabbitConfig,
     replica: String,
+    /// Larger bodies are not forwarded to browsers (see [`Event::Oversized`]).
+    max_frame_bytes: usize,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     link: watch::Receiver<LinkState>,
@@ -109,6 +113,7 @@ impl RabbitBus {
     pub fn start(
         config: RabbitConfig,
         replica: String,
+        max_frame_bytes: usize,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
@@ -116,6 +121,7 @@ impl RabbitBus {
         let shared = Arc::new(Shared {
             config,
             replica,
+            max_frame_bytes,
             metrics,
             shutdown,
             link,
@@ -203,6 +209,8 @@ impl RabbitBus {
             .map_err(|e| BusError::Broker(e.to_string()))?;
         Ok(RabbitSubscription {
             bus: self.clone(),
+            base_queue: queue.clone(),
+            restores: 0,
             queue,
             state: State::Active(active),
             cancel: self.0.shutdown.child_token(),
@@ -213,18 +221,21 @@ impl RabbitBus {
     async fn attach(&self, link: &Arc<Link>, queue: &str) -> Result<Active, lapin::Error> {
         let config = &self.0.config;
         let lease = self.lease_slot(link).await?;
-        let channel = &lease.0.channel;
+        // Declare and bind on a short-lived channel of the same connection (an exclusive queue
+        // belongs to its connection): if either fails, that closes this channel only, not the
+        // shared one that carries other sessions' consumers.
+        let setup = link.connections[lease.0.connection].create_channel().await?;
         let mut arguments = FieldTable::default();
-        arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length as i32));
+        arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length));
         arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
-        channel
+        setup
             .queue_declare(
                 queue.into(),
                 QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
                 arguments,
             )
             .await?;
-        channel
+        setup
             .queue_bind(
                 queue.into(),
                 config.exchange.as_str().into(),
@@ -233,6 +244,8 @@ impl RabbitBus {
                 FieldTable::default(),
             )
             .await?;
+        let _ = setup.close(200, "OK".into()).await;
+        let channel = &lease.0.channel;
         // An empty tag lets the broker name the consumer, so a retry never collides with a
         // tag still registered from an attempt that failed half-way.
         let consumer = channel
@@ -312,7 +325,7 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
         };
         match connected {
             Ok(link) => {
-                failures = 0;
+                let up_since = Instant::now();
                 shared.metrics.broker_connects.fetch_add(1, Relaxed);
                 shared.metrics.broker_ready.store(1, Relaxed);
                 match lost_at.take() {
@@ -340,6 +353,9 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                     }
                 };
                 tracing::warn!(%reason, generation, "broker link lost; reconnecting");
+                // A link that keeps failing soon after it is made must not reconnect in a tight
+                // loop: the backoff only resets after the link stayed up for a while.
+                failures = if up_since.elapsed() > STABLE_LINK { 0 } else { failures.saturating_add(1) };
                 shared.metrics.broker_disconnects.fetch_add(1, Relaxed);
                 shared.metrics.broker_ready.store(0, Relaxed);
                 lost_at = Some(Instant::now());
@@ -466,15 +482,21 @@ fn describe(config: &RabbitConfig, error: &lapin::Error) -> String {
 
 /// Resolves with a reason when any connection of the link reports an error, or someone
 /// reported the link broken.
+/// Resolves with a reason when a connection of the link fails, or someone reported the link
+/// broken. Channel errors also reach the connection's events; those end only the consumers of
+/// that channel, which restore themselves, so they must not tear down every session's link.
 async fn link_lost(link: &Link) -> String {
-    let errors = select_all(link.connections.iter().map(|c| c.events_listener().boxed())).filter_map(
-        |event| async move {
-            match event {
-                lapin::Event::Error(e) => Some(e.to_string()),
-                _ => None,
+    let events = link.connections.iter().map(|c| c.events_listener().map(move |event| (c, event)).boxed());
+    let errors = select_all(events).filter_map(|(connection, event)| async move {
+        match event {
+            lapin::Event::Error(e) if is_channel_error(&e) && connection.status().connected() => {
+                tracing::debug!(error = %e, "channel error; the sessions on that channel restore themselves");
+                None
             }
-        },
-    );
+            lapin::Event::Error(e) => Some(e.to_string()),
+            _ => None,
+        }
+    });
     let mut errors = std::pin::pin!(errors);
     // Events are only sent while a listener exists, so the connections may have died before
     // we listened: check once after subscribing.
@@ -485,6 +507,11 @@ async fn link_lost(link: &Link) -> String {
         Some(reason) = errors.next() => reason,
         () = link.broken.notified() => "the publishing channel was closed".into(),
     }
+}
+
+/// A soft AMQP error closes one channel, not the connection.
+fn is_channel_error(error: &lapin::Error) -> bool {
+    matches!(error.kind(), ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)))
 }
 
 async fn close_link(link: &Link) {
@@ -517,6 +544,11 @@ enum State {
 /// A session's subscription: its own exclusive, auto-delete queue, bound to the exchange.
 pub struct RabbitSubscription {
     bus: RabbitBus,
+    /// `fanout-chat.<replica>.<session>`: the first queue's name, and the stem of the next.
+    base_queue: String,
+    /// How many times the queue was re-created.
+    restores: u32,
+    /// The current queue's name.
     queue: String,
     state: State,
     /// Stops a restore task once the session is gone.
@@ -538,6 +570,11 @@ impl RabbitSubscription {
                 let reason = match active.consumer.next().await {
                     Some(Ok(delivery)) => {
                         let lapin::message::Delivery { data, properties, acker, .. } = delivery;
+                        // Another service may publish anything; a body far over what a browser
+                        // may send is skipped rather than copied into thousands of sessions.
+                        if data.len() > self.bus.0.max_frame_bytes {
+                            return Some(Event::Oversized { bytes: data.len(), ack: Ack(acker) });
+                        }
                         return Some(Event::Message(frame(data, &properties), Some(Ack(acker))));
                     }
                     Some(Err(e)) => e.to_string(),
@@ -545,7 +582,12 @@ impl RabbitSubscription {
                 };
                 tracing::warn!(queue = %self.queue, %reason, "session delivery interrupted");
                 let failed_on = active.generation;
-                let restore = restore(self.bus.clone(), self.queue.clone(), failed_on, self.cancel.clone());
+                // A new name: the broker may not have noticed yet that the old connection is
+                // dead, and would refuse to re-declare its exclusive queue until it does.
+                self.restores += 1;
+                let queue = format!("{}.{}", self.base_queue, self.restores);
+                self.queue.clone_from(&queue);
+                let restore = restore(self.bus.clone(), queue, failed_on, self.cancel.clone());
                 self.state = State::Restoring(tokio::spawn(restore));
                 Some(Event::Interrupted(reason))
             }

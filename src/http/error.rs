@@ -25,6 +25,11 @@ pub enum AppError {
     UnsupportedMediaType,
     #[error("no such route")]
     NotFound,
+    #[error("this route does not take that method")]
+    MethodNotAllowed,
+    /// A request refused by an extractor (a bad WebSocket upgrade), with its own status.
+    #[error("{1}")]
+    Rejected(StatusCode, String),
     #[error(transparent)]
     Bus(#[from] BusError),
     #[error("the server is shutting down")]
@@ -42,6 +47,8 @@ impl AppError {
             Self::Invalid(_) | Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::NotFound => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Rejected(status, _) => *status,
             Self::Bus(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -31,13 +31,13 @@ pub async fn upgrade(
     State(state): State<AppState>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
-    let upgrade = upgrade.map_err(|r| AppError::BadRequest(r.body_text()))?;
+    let upgrade = upgrade.map_err(|r| AppError::Rejected(r.status(), r.body_text()))?;
     if state.is_draining() {
         return Err(AppError::ShuttingDown);
     }
     let session = ulid::Ulid::new().to_string();
     let subscription = state.bus.subscribe(&session).await?;
-    let frame_limit = state.config.max_message_bytes * 6 + 1024;
+    let frame_limit = state.config.max_frame_bytes();
     let span = tracing::info_span!("session", id = %session, replica = %state.config.replica);
     let sessions = state.sessions.clone();
     Ok(upgrade
@@ -45,7 +45,9 @@ pub async fn upgrade(
         // so a browser that stops reading cannot grow our memory.
         .read_buffer_size(4 * 1024)
         .write_buffer_size(0)
-        .max_write_buffer_size(state.config.ws_max_write_buffer)
+        // tungstenite refuses a frame larger than this cap outright, so it holds two of the
+        // largest frames we ever send.
+        .max_write_buffer_size(state.config.ws_max_write_buffer.max(frame_limit * 2))
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
         .on_upgrade(move |socket| {
@@ -99,8 +101,9 @@ impl Session {
         ping.tick().await;
         let mut last_heard = Instant::now();
         loop {
+            // Unbiased: a subscription that always has a delivery ready must not starve the
+            // socket (the browser's frames, its Close, our pings).
             let step = tokio::select! {
-                biased;
                 () = shutdown.cancelled() => return End::Close(close_code::AWAY, "server shutting down"),
                 event = self.subscription.next() => match event {
                     Some(event) => self.deliver(event).await,
@@ -111,7 +114,7 @@ impl Session {
                     self.receive(incoming).await
                 }
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > config.ws_ping_interval * 2 + config.ws_ping_interval / 2 {
+                    if last_heard.elapsed() > config.ws_ping_interval.saturating_mul(5) / 2 {
                         tracing::info!("no pong from the browser; closing");
                         return End::Gone;
                     }
@@ -136,6 +139,12 @@ impl Session {
                 Ok(())
             }
             Event::Gap(missed) => self.send_json(json!({ "type": "gap", "missed": missed })).await,
+            Event::Oversized { bytes, ack } => {
+                let reason = format!("a message of {bytes} bytes was too large to deliver");
+                let notice = self.send_json(json!({ "type": "gap", "missed": 1, "reason": reason })).await;
+                ack.send().await;
+                notice
+            }
             Event::Interrupted(reason) => {
                 // The cause is logged by the bus; the browser needs to know what it means.
                 tracing::debug!(%reason, "telling the browser delivery is interrupted");
@@ -198,9 +207,15 @@ impl Session {
         self.send(Message::Text(value.to_string().into())).await
     }
 
-    /// Writes one frame, giving up on a browser that has not taken it within the timeout.
+    /// Writes one frame, giving up on a browser that has not taken it within the timeout, or
+    /// when the server shuts down meanwhile.
     async fn send(&mut self, message: Message) -> Result<(), End> {
-        match tokio::time::timeout(self.state.config.ws_send_timeout, self.socket.send(message)).await {
+        let timeout = self.state.config.ws_send_timeout;
+        let sent = tokio::select! {
+            sent = tokio::time::timeout(timeout, self.socket.send(message)) => sent,
+            () = self.state.shutdown.cancelled() => return Err(End::Close(close_code::AWAY, "server shutting down")),
+        };
+        match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "WebSocket write failed");

@@ -44,7 +44,9 @@ async fn one_process_holds_5000_sessions_and_delivers_to_all_of_them() {
         .buffer_unordered(500)
         .filter(|m| std::future::ready(*m == message))
         .count();
-    assert_eq!(within("every session to receive the message", received).await, SESSIONS);
+    // 5,000 deliveries on a broker the other tests share: generous, but bounded.
+    let received = tokio::time::timeout(std::time::Duration::from_secs(60), received).await;
+    assert_eq!(received.expect("every session to receive the message within 60 s"), SESSIONS);
 
     stream::iter(sessions).for_each_concurrent(500, WsClient::close).await;
     within("every session queue to be deleted", async {

@@ -298,8 +298,13 @@ pub async fn wait_for_queue(name: &str, exists: bool) {
 
 /// Runs `rabbitmqctl -q --no-table-headers ARGS` against the local node: the broker's own view.
 pub fn rabbitmqctl(args: &[&str]) -> String {
+    rabbitmqctl_with(&[&["--no-table-headers"], args].concat())
+}
+
+/// Runs `rabbitmqctl -q ARGS`: for commands that change something, as an operator would.
+pub fn rabbitmqctl_with(args: &[&str]) -> String {
     let output = std::process::Command::new("rabbitmqctl")
-        .args(["-q", "--no-table-headers"])
+        .arg("-q")
         .args(args)
         .output()
         .expect("rabbitmqctl (it comes with rabbitmq-server)");

@@ -130,3 +130,45 @@ async fn an_existing_exchange_of_another_type_is_used_as_it_is() {
     assert_eq!(response.status(), 202);
     app.stop().await;
 }
+
+/// A body far over what a browser may send is not forwarded: each session is told it skipped
+/// one message, and carries on. (Before, it overflowed every session's write buffer and reset
+/// them all.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_message_from_another_service_is_skipped_with_a_notice() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    let mut first = app.connect().await;
+    let mut second = app.connect().await;
+    let service = service().await;
+    let huge = vec![b'x'; app.config.max_frame_bytes() + 1];
+    publish_raw(&service, &app, &huge, BasicProperties::default()).await;
+    for session in [&mut first, &mut second] {
+        let notice = session.next_frame().await;
+        assert_eq!((&notice["type"], &notice["missed"]), (&json!("gap"), &json!(1)), "{notice}");
+        assert!(notice["reason"].as_str().unwrap().contains("too large"), "{notice}");
+    }
+    let next = app.post_text("after the oversized one").await;
+    assert_eq!(first.next_message().await, next);
+    assert_eq!(second.next_message().await, next);
+    app.stop().await;
+}
+
+/// An operator deletes one session's queue: that session is told, gets a new queue and
+/// receives again; the session sharing its channel notices nothing, and the broker link
+/// stays up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_whose_queue_is_deleted_restores_it_and_others_notice_nothing() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    let mut victim = app.connect().await;
+    let mut neighbour = app.connect().await;
+    crate::helpers::rabbitmqctl_with(&["delete_queue", &victim.queue()]);
+    assert_eq!(victim.next_frame().await["type"], "interrupted");
+    assert_eq!(victim.next_frame().await["type"], "restored");
+    let message = app.post_text("after the restore").await;
+    assert_eq!(victim.next_message().await, message);
+    assert_eq!(neighbour.next_message().await, message, "the neighbour's next frame is the message");
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fanout_chat_broker_disconnects_total 0"), "the link stayed up:\n{metrics}");
+    assert!(metrics.contains("fanout_chat_session_resubscribes_total 1"), "{metrics}");
+    app.stop().await;
+}

@@ -142,9 +142,12 @@ async fn sessions_that_connect_at_once_each_get_every_message_exactly_once() {
     let mut sessions = futures_util::future::join_all((0..40).map(|_| app.connect())).await;
     let first = app.post_text("first").await;
     let second = app.post_text("second").await;
+    let third = app.post_text("third").await;
     for session in &mut sessions {
+        // In order, and no duplicate between them.
         assert_eq!(session.next_message().await, first);
         assert_eq!(session.next_message().await, second);
+        assert_eq!(session.next_message().await, third);
     }
     app.stop().await;
 }

@@ -112,10 +112,19 @@ async fn without_a_broker_the_app_serves_but_is_not_ready_and_answers_503() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_routes_get_a_json_404() {
+async fn unknown_routes_and_methods_get_json_errors() {
     let app = spawn_app_with(test_config(BusKind::Memory)).await;
-    let response = app.http.get(app.url("/nope")).send().await.unwrap();
-    assert_eq!(response.status(), 404);
-    assert!(response.json::<Value>().await.unwrap()["error"].is_string());
+    for (method, path, status) in [
+        (reqwest::Method::GET, "/nope", 404),
+        (reqwest::Method::GET, "/static/nope.js", 404),
+        (reqwest::Method::GET, "/messages", 405),
+        (reqwest::Method::DELETE, "/healthz", 405),
+        (reqwest::Method::GET, "/ws", 400),
+    ] {
+        let response = app.http.request(method.clone(), app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), status, "{method} {path}");
+        let body: Value = response.json().await.unwrap_or_else(|e| panic!("{method} {path}: not JSON: {e}"));
+        assert!(body["error"].is_string(), "{method} {path}: {body}");
+    }
     app.stop().await;
 }
