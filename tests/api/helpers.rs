@@ -311,3 +311,18 @@ pub fn rabbitmqctl_with(args: &[&str]) -> String {
     assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8(output.stdout).unwrap()
 }
+
+/// The line of a `rabbitmqctl` listing that starts with `prefix`, asked again until it shows:
+/// a listing taken while the broker is busy (thousands of queues coming and going) can come
+/// back without it.
+pub async fn broker_line(args: &[&str], prefix: &str) -> String {
+    within(&format!("rabbitmqctl {args:?} to list {prefix}"), async {
+        loop {
+            if let Some(line) = rabbitmqctl(args).lines().find(|l| l.starts_with(prefix)) {
+                return line.to_owned();
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await
+}

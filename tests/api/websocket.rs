@@ -5,7 +5,7 @@ use tokio_tungstenite::tungstenite::{Bytes, Message};
 
 use crate::{
     both_buses,
-    helpers::{BusKind, rabbitmqctl, spawn_app, wait_for_queue},
+    helpers::{BusKind, broker_line, rabbitmqctl, spawn_app, wait_for_queue},
 };
 
 both_buses!(
@@ -111,15 +111,18 @@ async fn a_session_queue_is_exclusive_auto_delete_bounded_and_consumed_with_a_pr
     let app = spawn_app(BusKind::Rabbit).await;
     let session = app.connect().await;
     let rabbit = app.config.rabbitmq.clone().unwrap();
-    let queues = rabbitmqctl(&["list_queues", "name", "exclusive", "auto_delete", "durable", "arguments"]);
-    let line = queues.lines().find(|l| l.starts_with(&session.queue())).unwrap_or_else(|| panic!("{queues}"));
+    let line = broker_line(
+        &["list_queues", "name", "exclusive", "auto_delete", "durable", "arguments"],
+        &session.queue(),
+    )
+    .await;
     let fields: Vec<&str> = line.split('\t').collect();
     assert_eq!(&fields[1..4], ["true", "true", "false"], "exclusive, auto-delete, not durable: {line}");
     assert!(line.contains(&format!("\"x-max-length\",{}", rabbit.queue_max_length)), "{line}");
     assert!(line.contains("\"x-overflow\"") && line.contains("drop-head"), "{line}");
-    let consumers = rabbitmqctl(&["list_consumers", "queue_name", "ack_required", "prefetch_count"]);
     let line =
-        consumers.lines().find(|l| l.starts_with(&session.queue())).unwrap_or_else(|| panic!("{consumers}"));
+        broker_line(&["list_consumers", "queue_name", "ack_required", "prefetch_count"], &session.queue())
+            .await;
     assert_eq!(line, format!("{}\ttrue\t{}", session.queue(), rabbit.prefetch), "manual acks and a prefetch");
     let bindings = rabbitmqctl(&["list_bindings", "source_name", "destination_name"]);
     assert!(
