@@ -10,7 +10,7 @@ mod rabbit;
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use axum::extract::ws::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 pub use memory::MemoryBus;
@@ -40,19 +40,22 @@ pub enum BusError {
     Broker(String),
 }
 
-/// One message frame, ready to write to a WebSocket: envelope JSON, valid UTF-8.
+/// One message frame, ready to write to a WebSocket: envelope JSON.
+///
+/// It holds the WebSocket text type itself, built once from a `String`, so the UTF-8 check is
+/// never repeated per session, and clones (one per session on the embedded bus) share the bytes.
 #[derive(Clone, Debug)]
-pub struct Frame(Bytes);
+pub struct Frame(Utf8Bytes);
 
 impl Frame {
-    pub fn into_bytes(self) -> Bytes {
+    pub fn into_text(self) -> Utf8Bytes {
         self.0
     }
 }
 
 impl From<String> for Frame {
     fn from(json: String) -> Self {
-        Self(Bytes::from(json))
+        Self(Utf8Bytes::from(json))
     }
 }
 

@@ -445,7 +445,7 @@ async fn declare_exchange(connection: &Connection, name: &str) -> Result<(), lap
         )
         .await;
     match declared {
-        Err(e) if is_soft(&e, AMQPSoftError::PRECONDITIONFAILED) => {
+        Err(e) if channel_error(&e) == Some(&AMQPSoftError::PRECONDITIONFAILED) => {
             // The failed declare closed that channel; check existence on a fresh one.
             let probe = connection.create_channel().await?;
             probe
@@ -471,8 +471,15 @@ async fn declare_exchange(connection: &Connection, name: &str) -> Result<(), lap
     }
 }
 
-fn is_soft(error: &lapin::Error, kind: AMQPSoftError) -> bool {
-    matches!(error.kind(), ErrorKind::ProtocolError(e) if *e.kind() == AMQPErrorKind::Soft(kind))
+/// The kind of a soft AMQP error: one that closes a channel, not the connection.
+fn channel_error(error: &lapin::Error) -> Option<&AMQPSoftError> {
+    match error.kind() {
+        ErrorKind::ProtocolError(e) => match e.kind() {
+            AMQPErrorKind::Soft(kind) => Some(kind),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
 }
 
 /// A readable reason, without credentials: lapin errors never contain the password.
@@ -480,8 +487,6 @@ fn describe(config: &RabbitConfig, error: &lapin::Error) -> String {
     format!("RabbitMQ at {}:{} (vhost {:?}): {error}", config.host, config.port, config.vhost)
 }
 
-/// Resolves with a reason when any connection of the link reports an error, or someone
-/// reported the link broken.
 /// Resolves with a reason when a connection of the link fails, or someone reported the link
 /// broken. Channel errors also reach the connection's events; those end only the consumers of
 /// that channel, which restore themselves, so they must not tear down every session's link.
@@ -489,7 +494,7 @@ async fn link_lost(link: &Link) -> String {
     let events = link.connections.iter().map(|c| c.events_listener().map(move |event| (c, event)).boxed());
     let errors = select_all(events).filter_map(|(connection, event)| async move {
         match event {
-            lapin::Event::Error(e) if is_channel_error(&e) && connection.status().connected() => {
+            lapin::Event::Error(e) if channel_error(&e).is_some() && connection.status().connected() => {
                 tracing::debug!(error = %e, "channel error; the sessions on that channel restore themselves");
                 None
             }
@@ -507,11 +512,6 @@ async fn link_lost(link: &Link) -> String {
         Some(reason) = errors.next() => reason,
         () = link.broken.notified() => "the publishing channel was closed".into(),
     }
-}
-
-/// A soft AMQP error closes one channel, not the connection.
-fn is_channel_error(error: &lapin::Error) -> bool {
-    matches!(error.kind(), ErrorKind::ProtocolError(e) if matches!(e.kind(), AMQPErrorKind::Soft(_)))
 }
 
 async fn close_link(link: &Link) {

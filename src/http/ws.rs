@@ -130,8 +130,7 @@ impl Session {
     async fn deliver(&mut self, event: Event) -> Result<(), End> {
         match event {
             Event::Message(frame, ack) => {
-                let text = Utf8Bytes::try_from(frame.into_bytes()).map_err(|_| End::Gone)?;
-                self.send(Message::Text(text)).await?;
+                self.send(Message::Text(frame.into_text())).await?;
                 self.state.metrics.delivered.fetch_add(1, Relaxed);
                 if let Some(ack) = ack {
                     ack.send().await;
