@@ -73,7 +73,7 @@ impl Metrics {
             ),
             (
                 "fanout_chat_messages_skipped_total",
-                "messages a slow session skipped (embedded bus)",
+                "messages a session skipped: it fell behind (embedded bus) or the message was too large",
                 &self.skipped,
             ),
             (

@@ -139,6 +139,7 @@ impl Session {
             }
             Event::Gap(missed) => self.send_json(json!({ "type": "gap", "missed": missed })).await,
             Event::Oversized { bytes, ack } => {
+                self.state.metrics.skipped.fetch_add(1, Relaxed);
                 let reason = format!("a message of {bytes} bytes was too large to deliver");
                 let notice = self.send_json(json!({ "type": "gap", "missed": 1, "reason": reason })).await;
                 ack.send().await;

@@ -147,6 +147,8 @@ async fn an_oversized_message_from_another_service_is_skipped_with_a_notice() {
         assert_eq!((&notice["type"], &notice["missed"]), (&json!("gap"), &json!(1)), "{notice}");
         assert!(notice["reason"].as_str().unwrap().contains("too large"), "{notice}");
     }
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fanout_chat_messages_skipped_total 2"), "one skip per session:\n{metrics}");
     let next = app.post_text("after the oversized one").await;
     assert_eq!(first.next_message().await, next);
     assert_eq!(second.next_message().await, next);
