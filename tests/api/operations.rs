@@ -128,3 +128,35 @@ async fn unknown_routes_and_methods_get_json_errors() {
     }
     app.stop().await;
 }
+
+/// `NOTIFIER_RABBITMQ_TLS=true` against a plain-AMQP port: the TLS handshake fails, and the
+/// app says why in its readiness reason and keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_handshake_failure_is_reported_as_not_ready() {
+    let mut config = test_config(BusKind::Rabbit);
+    config.rabbitmq.as_mut().unwrap().tls = true;
+    let app = fanout_chat::Application::build_on(config, [127, 0, 0, 1].into()).await.unwrap();
+    let addr = app.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until_stopped(async move {
+        let _ = stopped.await;
+    }));
+    let http = reqwest::Client::new();
+    let reason = within("a TLS failure to be reported", async {
+        loop {
+            let ready = http.get(format!("http://{addr}/readyz")).send().await.unwrap();
+            assert_eq!(ready.status(), 503);
+            let body: Value = ready.json().await.unwrap();
+            let reason = body["error"].as_str().unwrap().to_owned();
+            if reason != "not ready: connecting to the broker" {
+                return reason;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(reason.contains("127.0.0.1:5672"), "{reason}");
+    assert_eq!(http.get(format!("http://{addr}/healthz")).send().await.unwrap().status(), 200);
+    let _ = stop.send(());
+    within("shutdown", server).await.unwrap().unwrap();
+}

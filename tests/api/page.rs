@@ -40,3 +40,18 @@ async fn the_pages_script_and_styles_are_served_with_cache_headers() {
     }
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_and_its_assets_are_compressed_for_browsers_that_accept_it() {
+    let app = spawn_app(BusKind::Memory).await;
+    for path in ["/", "/static/app.js", "/static/style.css"] {
+        let response = app.http.get(app.url(path)).header("accept-encoding", "gzip").send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        assert_eq!(
+            response.headers().get("content-encoding").map(|v| v.to_str().unwrap()),
+            Some("gzip"),
+            "{path}"
+        );
+    }
+    app.stop().await;
+}
