@@ -138,18 +138,7 @@ impl TestApp {
 
     /// Opens a WebSocket session and waits for its welcome frame.
     pub async fn connect(&self) -> WsClient {
-        let (stream, _) = within(
-            "the WebSocket handshake",
-            tokio_tungstenite::connect_async(format!("ws://{}/ws", self.addr)),
-        )
-        .await
-        .expect("a WebSocket session");
-        let mut client = WsClient { stream, session: String::new(), replica: String::new() };
-        let welcome = client.next_frame().await;
-        assert_eq!(welcome["type"], "welcome", "the first frame is the welcome: {welcome}");
-        client.session = welcome["session"].as_str().expect("a session id").to_owned();
-        client.replica = welcome["replica"].as_str().expect("a replica name").to_owned();
-        client
+        connect_to(self.addr).await
     }
 
     /// Stops the app the way SIGTERM does and checks it shut down cleanly; removes the
@@ -169,6 +158,20 @@ impl TestApp {
                 .await;
         }
     }
+}
+
+/// Opens a WebSocket session on the app at `addr` and waits for its welcome frame.
+pub async fn connect_to(addr: impl std::fmt::Display) -> WsClient {
+    let (stream, _) =
+        within("the WebSocket handshake", tokio_tungstenite::connect_async(format!("ws://{addr}/ws")))
+            .await
+            .expect("a WebSocket session");
+    let mut client = WsClient { stream, session: String::new(), replica: String::new() };
+    let welcome = client.next_frame().await;
+    assert_eq!(welcome["type"], "welcome", "the first frame is the welcome: {welcome}");
+    client.session = welcome["session"].as_str().expect("a session id").to_owned();
+    client.replica = welcome["replica"].as_str().expect("a replica name").to_owned();
+    client
 }
 
 pub struct WsClient {

@@ -11,6 +11,7 @@ mod messages;
 mod operations;
 mod page;
 mod process;
+mod replicas;
 mod websocket;
 
 /// Runs an `async fn name(kind: BusKind)` test body once per bus.

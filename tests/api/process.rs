@@ -14,14 +14,14 @@ use crate::helpers::{AMQP_PORT, rabbitmqctl, unique_exchange, wait_for_queue, wi
 const BIN: &str = env!("CARGO_BIN_EXE_fanout-chat");
 
 /// The binary running with `vars`, its JSON log lines collected as they come.
-struct Running {
+pub struct Running {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Running {
-    fn start(vars: &[(&str, &str)]) -> Self {
+    pub fn start(vars: &[(&str, &str)]) -> Self {
         let mut child = Command::new(BIN)
             .env_clear()
             .env("PORT", "0")
@@ -48,7 +48,7 @@ impl Running {
     }
 
     /// Waits for a log line containing `needle` and returns it.
-    async fn log_line(&self, needle: &str) -> String {
+    pub async fn log_line(&self, needle: &str) -> String {
         within(&format!("a log line with {needle:?}"), async {
             loop {
                 if let Some(line) = self.lines.lock().unwrap().iter().find(|l| l.contains(needle)) {
@@ -60,14 +60,14 @@ impl Running {
         .await
     }
 
-    async fn addr(&self) -> String {
+    pub async fn addr(&self) -> String {
         let line = self.log_line("\"listening\"").await;
         let json: Value = serde_json::from_str(&line).expect("JSON log lines");
         let port = json["addr"].as_str().unwrap().rsplit(':').next().unwrap().to_owned();
         format!("127.0.0.1:{port}")
     }
 
-    fn signal(&self, name: &str) {
+    pub fn signal(&self, name: &str) {
         let status =
             Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status().unwrap();
         assert!(status.success());
@@ -75,7 +75,7 @@ impl Running {
 
     /// Waits for the exit, bounded, and for its output to be read to the end; returns the
     /// exit code.
-    async fn exit(&mut self) -> i32 {
+    pub async fn exit(&mut self) -> i32 {
         let code = within("the process to exit", async {
             loop {
                 if let Some(status) = self.child.try_wait().unwrap() {
@@ -91,7 +91,7 @@ impl Running {
         code
     }
 
-    fn output(&self) -> String {
+    pub fn output(&self) -> String {
         self.lines.lock().unwrap().join("\n")
     }
 }
