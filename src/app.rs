@@ -20,6 +20,7 @@ use crate::{
     chat::Envelope,
     config::Config,
     http,
+    limits::Limits,
     metrics::Metrics,
 };
 
@@ -29,6 +30,10 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub bus: Bus,
     pub metrics: Arc<Metrics>,
+    pub limits: Arc<Limits>,
+    /// Cancelled at the stop signal: readiness turns 503 and new sessions are refused, while
+    /// open ones are served on for the drain period.
+    pub draining: CancellationToken,
     /// Cancelled when the process starts shutting down: sessions close on it.
     pub shutdown: CancellationToken,
     /// Every WebSocket session task, so shutdown can wait for them.
@@ -41,7 +46,7 @@ pub struct AppState {
 impl AppState {
     /// Shutting down: not ready, no new sessions.
     pub fn is_draining(&self) -> bool {
-        self.shutdown.is_cancelled()
+        self.draining.is_cancelled()
     }
 
     /// Publishes on the bus, counting the outcome.
@@ -89,11 +94,14 @@ impl Application {
             );
         }
         let bus = Bus::start(&config, metrics.clone(), bus_shutdown.clone());
+        let limits = Limits::new(&config.limits);
         let state = AppState {
+            limits,
             asset_version: format!("{}-{}", env!("CARGO_PKG_VERSION"), std::process::id()).into(),
             config: Arc::new(config),
             bus,
             metrics,
+            draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
         };
@@ -113,15 +121,18 @@ impl Application {
         let grace = state.config.shutdown_timeout;
         tracing::info!(addr = %listener.local_addr()?, mode = state.config.mode(), replica = %state.config.replica, "listening");
 
-        let stopping = shutdown.clone();
+        let (draining, stopping, drain) = (state.draining.clone(), shutdown.clone(), state.config.drain);
         tokio::spawn(async move {
             stop.await;
-            tracing::info!("stop signal received; shutting down");
+            tracing::info!(drain_secs = drain.as_secs(), "stop signal received; not ready, draining");
+            draining.cancel();
+            tokio::time::sleep(drain).await;
+            tracing::info!("closing sessions");
             stopping.cancel();
         });
 
-        let server = axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let router = http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
         tokio::select! {
             result = &mut server => return result.map_err(io::Error::other)?,

@@ -33,10 +33,33 @@ pub struct Config {
     /// `NOTIFIER_SHUTDOWN_TIMEOUT_SECS` (default `5`): how long shutdown waits for sessions to
     /// close after telling them to, before closing the broker connection anyway.
     pub shutdown_timeout: Duration,
+    /// `NOTIFIER_DRAIN_SECS` (default `0`): on SIGTERM, how long the process stays up reporting
+    /// not-ready, still serving its open sessions, before it closes them with 1001. Give it the
+    /// time a load balancer takes to stop sending new connections (a few seconds on Kubernetes).
+    pub drain: Duration,
+    /// Rate and session limits.
+    pub limits: LimitsConfig,
     /// `HOSTNAME` (the pod name on Kubernetes): names this replica in queue names and logs.
     pub replica: String,
     /// `LOG_FORMAT` (default `text`): `json` for one JSON object per line.
     pub log_format: LogFormat,
+}
+
+/// Overload protection: past these, requests are answered 429 with `Retry-After`.
+#[derive(Clone, Debug)]
+pub struct LimitsConfig {
+    /// `NOTIFIER_MESSAGES_PER_CLIENT` (default `10`): messages per second (and burst) one client
+    /// address may send, by POST and WebSocket together.
+    pub messages_per_client: u32,
+    /// `NOTIFIER_MESSAGES_GLOBAL` (default `2000`): messages per second the process accepts.
+    pub messages_global: u32,
+    /// `NOTIFIER_MAX_SESSIONS` (default `10000`): open WebSocket sessions per process.
+    pub max_sessions: usize,
+    /// `NOTIFIER_MAX_SESSIONS_PER_CLIENT` (default `50`): open sessions per client address.
+    pub max_sessions_per_client: usize,
+    /// `NOTIFIER_CLIENT_IP_HEADER` (unset): a header set by a trusted proxy that carries the
+    /// client address (e.g. `x-forwarded-for`; its last address is used). Unset: the peer.
+    pub client_ip_header: Option<String>,
 }
 
 /// Where and how to reach RabbitMQ; present only when `NOTIFIER_RABBITMQ_HOST` is set.
@@ -146,6 +169,12 @@ struct Env {
     notifier_ws_send_timeout_secs: Option<String>,
     notifier_ws_write_buffer_bytes: Option<String>,
     notifier_shutdown_timeout_secs: Option<String>,
+    notifier_drain_secs: Option<String>,
+    notifier_messages_per_client: Option<String>,
+    notifier_messages_global: Option<String>,
+    notifier_max_sessions: Option<String>,
+    notifier_max_sessions_per_client: Option<String>,
+    notifier_client_ip_header: Option<String>,
     hostname: Option<String>,
     log_format: Option<String>,
 }
@@ -324,6 +353,47 @@ impl Config {
                 1,
                 60,
             )?),
+            drain: secs(parse(
+                "NOTIFIER_DRAIN_SECS",
+                env.notifier_drain_secs,
+                0,
+                "a whole number from 0 to 300",
+                |n| *n <= 300,
+            )?),
+            limits: LimitsConfig {
+                messages_per_client: ranged(
+                    "NOTIFIER_MESSAGES_PER_CLIENT",
+                    env.notifier_messages_per_client,
+                    10,
+                    1,
+                    1_000_000,
+                )?,
+                messages_global: ranged(
+                    "NOTIFIER_MESSAGES_GLOBAL",
+                    env.notifier_messages_global,
+                    2000,
+                    1,
+                    10_000_000,
+                )?,
+                max_sessions: ranged(
+                    "NOTIFIER_MAX_SESSIONS",
+                    env.notifier_max_sessions,
+                    10_000,
+                    1,
+                    1_000_000,
+                )?,
+                max_sessions_per_client: ranged(
+                    "NOTIFIER_MAX_SESSIONS_PER_CLIENT",
+                    env.notifier_max_sessions_per_client,
+                    50,
+                    1,
+                    1_000_000,
+                )?,
+                client_ip_header: env
+                    .notifier_client_ip_header
+                    .map(|h| h.trim().to_ascii_lowercase())
+                    .filter(|h| !h.is_empty()),
+            },
             replica: replica_name(env.hostname),
             log_format: log_format(env.log_format)?,
         })

@@ -5,6 +5,7 @@
 //! - [`bus`]: where messages are published and read back: RabbitMQ or the embedded bus.
 //! - [`http`]: the routes (page, `POST /messages`, `/ws`, probes, metrics) and their layers.
 //! - [`app`]: building, serving and shutting down the whole.
+//! - [`limits`]: message rates and session counts, per client and global (429s).
 //! - [`metrics`]: the figures exported at `/metrics`.
 //! - [`telemetry`]: log set-up (human text or JSON lines).
 
@@ -13,6 +14,7 @@ pub mod bus;
 pub mod chat;
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod telemetry;
 

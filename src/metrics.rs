@@ -28,6 +28,8 @@ pub struct Metrics {
     pub broker_disconnects: AtomicU64,
     pub broker_reconnects: AtomicU64,
     pub broker_ready: AtomicI64,
+    /// Milliseconds from noticing the last broker loss to being ready again.
+    pub broker_last_outage_ms: AtomicU64,
     pub resubscribes: AtomicU64,
     publish_latency: Histogram,
 }
@@ -111,6 +113,12 @@ impl Metrics {
             let _ =
                 writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
         }
+        let name = "fanout_chat_broker_last_outage_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} time from losing the broker link to being ready again, for the last loss\n# TYPE {name} gauge\n{name} {}",
+            self.broker_last_outage_ms.load(Relaxed) as f64 / 1e3
+        );
         let name = "fanout_chat_publish_duration_seconds";
         let _ =
             writeln!(out, "# HELP {name} time from publish to broker confirmation\n# TYPE {name} histogram");

@@ -330,12 +330,10 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                 shared.metrics.broker_ready.store(1, Relaxed);
                 match lost_at.take() {
                     Some(at) => {
+                        let outage_ms = at.elapsed().as_millis() as u64;
                         shared.metrics.broker_reconnects.fetch_add(1, Relaxed);
-                        tracing::info!(
-                            outage_ms = at.elapsed().as_millis() as u64,
-                            generation,
-                            "broker link restored"
-                        );
+                        shared.metrics.broker_last_outage_ms.store(outage_ms, Relaxed);
+                        tracing::info!(outage_ms, generation, "broker link restored");
                     }
                     None => tracing::info!(
                         host = %config.host, port = config.port, exchange = %config.exchange,

@@ -10,7 +10,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::{bus::BusError, chat::InvalidMessage};
+use crate::{bus::BusError, chat::InvalidMessage, limits::Limited};
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +34,8 @@ pub enum AppError {
     Bus(#[from] BusError),
     #[error("the server is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Limited(#[from] Limited),
     #[error("the page could not be rendered")]
     Render(#[from] askama::Error),
 }
@@ -50,6 +52,7 @@ impl AppError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Rejected(status, _) => *status,
             Self::Bus(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -74,8 +77,13 @@ impl IntoResponse for AppError {
             tracing::error!(error = %e, "template rendering failed");
         }
         let mut response = (status, Json(json!({ "error": self.public_message() }))).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let retry_after = match &self {
+            Self::Limited(limited) => Some(limited.retry_after_secs()),
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            _ => None,
+        };
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         response
     }

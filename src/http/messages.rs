@@ -8,7 +8,7 @@ use axum::{
 };
 use percent_encoding::percent_decode;
 
-use super::error::AppError;
+use super::{client::ClientIp, error::AppError};
 use crate::{
     app::AppState,
     chat::{Draft, Envelope},
@@ -16,9 +16,11 @@ use crate::{
 
 pub async fn post_message(
     State(state): State<AppState>,
+    ClientIp(client): ClientIp,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Envelope>), AppError> {
+    state.limits.check_message(client)?;
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge(format!(
             "the request body is too large; the message limit is {} bytes",

@@ -5,6 +5,7 @@
 //! over shutdown, the subscription, the socket and a ping timer, and returns after a Close.
 
 use std::{
+    net::IpAddr,
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},
 };
@@ -20,21 +21,24 @@ use axum::{
 use serde_json::json;
 use tracing::Instrument;
 
-use super::error::AppError;
+use super::{client::ClientIp, error::AppError};
 use crate::{
     app::AppState,
     bus::{Event, Subscription},
     chat::{Draft, Envelope},
+    limits::SessionPermit,
 };
 
 pub async fn upgrade(
     State(state): State<AppState>,
+    ClientIp(client): ClientIp,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
     let upgrade = upgrade.map_err(|r| AppError::Rejected(r.status(), r.body_text()))?;
     if state.is_draining() {
         return Err(AppError::ShuttingDown);
     }
+    let permit = state.limits.admit_session(client)?;
     let session = ulid::Ulid::new().to_string();
     let subscription = state.bus.subscribe(&session).await?;
     let frame_limit = state.config.max_frame_bytes();
@@ -51,15 +55,19 @@ pub async fn upgrade(
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
         .on_upgrade(move |socket| {
-            sessions.track_future(Session { state, id: session, socket, subscription }.run().instrument(span))
+            let session = Session { state, id: session, client, socket, subscription, _permit: permit };
+            sessions.track_future(session.run().instrument(span))
         }))
 }
 
 struct Session {
     state: AppState,
     id: String,
+    client: IpAddr,
     socket: WebSocket,
     subscription: Subscription,
+    /// This session's place under the session limits, freed when the session ends.
+    _permit: SessionPermit,
 }
 
 /// Why a session ends, and what (if anything) to tell the browser.
@@ -182,6 +190,15 @@ impl Session {
     /// A text frame is a message from this session: `{"text": ..., "user": ...}` JSON, or
     /// the frame's text itself.
     async fn publish(&mut self, text: &str) -> Result<(), End> {
+        if let Err(limited) = self.state.limits.check_message(self.client) {
+            self.state.metrics.rejected_frames.fetch_add(1, Relaxed);
+            let retry_after = limited.retry_after_secs();
+            return self
+                .send_json(
+                    json!({ "type": "error", "error": limited.to_string(), "retry_after": retry_after }),
+                )
+                .await;
+        }
         let draft = match serde_json::from_str::<Draft>(text) {
             Ok(draft) if draft.text.is_some() => draft,
             _ => Draft { text: Some(text.to_owned()), user: None },

@@ -46,6 +46,10 @@ pub fn unique_exchange() -> String {
 pub fn test_config(kind: BusKind) -> Config {
     let mut config = Config::local();
     config.port = 0;
+    // Tests post in tight loops from one address; the limits have tests of their own.
+    config.limits.messages_per_client = 1_000_000;
+    config.limits.messages_global = 1_000_000;
+    config.limits.max_sessions_per_client = 1_000_000;
     match kind {
         BusKind::Memory => config,
         BusKind::Rabbit => config.with_rabbitmq(AMQP_HOST, AMQP_PORT, &unique_exchange()),
@@ -141,12 +145,17 @@ impl TestApp {
         connect_to(self.addr).await
     }
 
-    /// Stops the app the way SIGTERM does and checks it shut down cleanly; removes the
-    /// test's exchange.
-    pub async fn stop(mut self) {
+    /// Sends the stop signal (as SIGTERM does) without waiting for the shutdown.
+    pub fn signal_stop(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Stops the app the way SIGTERM does and checks it shut down cleanly; removes the
+    /// test's exchange.
+    pub async fn stop(mut self) {
+        self.signal_stop();
         if let Some(server) = self.server.take() {
             within("the app to shut down", server).await.expect("the server task").expect("a clean shutdown");
         }
@@ -166,6 +175,24 @@ pub async fn connect_to(addr: impl std::fmt::Display) -> WsClient {
         within("the WebSocket handshake", tokio_tungstenite::connect_async(format!("ws://{addr}/ws")))
             .await
             .expect("a WebSocket session");
+    welcomed(stream).await
+}
+
+/// As [`connect_to`], from a given loopback address (a second "client").
+pub async fn connect_from(addr: SocketAddr, ip: std::net::IpAddr) -> WsClient {
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.bind((ip, 0).into()).expect("bind a loopback address");
+    let tcp = within("a TCP connection", socket.connect(addr)).await.expect("connect");
+    let (stream, _) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async(format!("ws://{addr}/ws"), MaybeTlsStream::Plain(tcp)),
+    )
+    .await
+    .expect("a WebSocket session");
+    welcomed(stream).await
+}
+
+async fn welcomed(stream: WebSocketStream<MaybeTlsStream<TcpStream>>) -> WsClient {
     let mut client = WsClient { stream, session: String::new(), replica: String::new() };
     let welcome = client.next_frame().await;
     assert_eq!(welcome["type"], "welcome", "the first frame is the welcome: {welcome}");

@@ -7,6 +7,7 @@
 mod capacity;
 mod helpers;
 mod interop;
+mod limits;
 mod messages;
 mod operations;
 mod page;

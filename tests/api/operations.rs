@@ -160,3 +160,33 @@ async fn a_tls_handshake_failure_is_reported_as_not_ready() {
     let _ = stop.send(());
     within("shutdown", server).await.unwrap().unwrap();
 }
+
+/// Rolling deploys: on the stop signal the replica turns not-ready at once, refuses new
+/// sessions, keeps serving the open ones through the drain period, then closes them with 1001.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_stop_the_app_drains_before_closing_sessions() {
+    let mut config = test_config(BusKind::Rabbit);
+    config.drain = std::time::Duration::from_secs(2);
+    let mut app = spawn_app_with(config).await;
+    let mut session = app.connect().await;
+    app.signal_stop();
+    let signalled = std::time::Instant::now();
+    within("readiness to turn 503", async {
+        while app.http.get(app.url("/readyz")).send().await.unwrap().status() != 503 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let refused = tokio_tungstenite::connect_async(format!("ws://{}/ws", app.addr)).await;
+    assert!(
+        matches!(&refused, Err(tokio_tungstenite::tungstenite::Error::Http(r)) if r.status() == 503),
+        "new sessions go to other replicas: {refused:?}"
+    );
+    // The open session is still served during the drain.
+    let message = app.post_text("during the drain").await;
+    assert_eq!(session.next_message().await, message);
+    let (code, _) = session.closed().await;
+    assert_eq!(code, 1001);
+    assert!(signalled.elapsed() >= std::time::Duration::from_secs(2), "closed only after the drain period");
+    app.stop().await;
+}

@@ -1,0 +1,174 @@
+//! Overload protection: message rates and session counts, per client address and global.
+//!
+//! A refused request is answered `429 Too Many Requests` with `Retry-After`, so a flood of
+//! posts or sessions never grows memory or file descriptors without bound.
+
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    num::NonZeroU32,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use governor::{
+    DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+};
+
+use crate::config::LimitsConfig;
+
+/// How often (in checks) idle clients are forgotten, keeping the per-client table small.
+const RETAIN_EVERY: u64 = 1024;
+
+/// Why a request was refused, and when the client may try again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Limited {
+    #[error("too many messages from your address; slow down")]
+    ClientRate(Duration),
+    #[error("the server is receiving too many messages; try again shortly")]
+    GlobalRate(Duration),
+    #[error("too many open sessions from your address")]
+    ClientSessions,
+    #[error("the server holds as many sessions as it can; try again shortly")]
+    GlobalSessions,
+}
+
+impl Limited {
+    /// Whole seconds to wait, at least 1: the value of `Retry-After`.
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            Self::ClientRate(wait) | Self::GlobalRate(wait) => wait.as_secs_f64().ceil().max(1.0) as u64,
+            Self::ClientSessions | Self::GlobalSessions => 5,
+        }
+    }
+}
+
+pub struct Limits {
+    per_client: DefaultKeyedRateLimiter<IpAddr>,
+    global: DefaultDirectRateLimiter,
+    checks: AtomicU64,
+    sessions: Mutex<Sessions>,
+    max_sessions: usize,
+    max_sessions_per_client: usize,
+}
+
+#[derive(Default)]
+struct Sessions {
+    total: usize,
+    per_client: HashMap<IpAddr, usize>,
+}
+
+impl Limits {
+    pub fn new(config: &LimitsConfig) -> Arc<Self> {
+        let quota =
+            |per_second: u32| Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN));
+        Arc::new(Self {
+            per_client: RateLimiter::keyed(quota(config.messages_per_client)),
+            global: RateLimiter::direct(quota(config.messages_global)),
+            checks: AtomicU64::new(0),
+            sessions: Mutex::new(Sessions::default()),
+            max_sessions: config.max_sessions,
+            max_sessions_per_client: config.max_sessions_per_client,
+        })
+    }
+
+    /// Takes one message from the client's and the global budget.
+    pub fn check_message(&self, client: IpAddr) -> Result<(), Limited> {
+        if self.checks.fetch_add(1, Relaxed).is_multiple_of(RETAIN_EVERY) {
+            self.per_client.retain_recent();
+        }
+        let now = DefaultClock::default().now();
+        self.per_client.check_key(&client).map_err(|n| Limited::ClientRate(n.wait_time_from(now)))?;
+        self.global.check().map_err(|n| Limited::GlobalRate(n.wait_time_from(now)))
+    }
+
+    /// Admits one more session, or says why not. The place is held until the permit drops.
+    pub fn admit_session(self: &Arc<Self>, client: IpAddr) -> Result<SessionPermit, Limited> {
+        // A poisoned lock only means a panic elsewhere mid-update of two counters; the
+        // counts are still the best we have.
+        let mut sessions = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        if sessions.total >= self.max_sessions {
+            return Err(Limited::GlobalSessions);
+        }
+        let mine = sessions.per_client.entry(client).or_default();
+        if *mine >= self.max_sessions_per_client {
+            return Err(Limited::ClientSessions);
+        }
+        *mine += 1;
+        sessions.total += 1;
+        Ok(SessionPermit { limits: self.clone(), client })
+    }
+}
+
+/// One admitted session's place; freed on drop.
+pub struct SessionPermit {
+    limits: Arc<Limits>,
+    client: IpAddr,
+}
+
+impl Drop for SessionPermit {
+    fn drop(&mut self) {
+        let mut sessions = self.limits.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.total = sessions.total.saturating_sub(1);
+        if let Some(mine) = sessions.per_client.get_mut(&self.client) {
+            *mine = mine.saturating_sub(1);
+            if *mine == 0 {
+                sessions.per_client.remove(&self.client);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(per_client: u32, global: u32, sessions: usize, per_client_sessions: usize) -> Arc<Limits> {
+        Limits::new(&LimitsConfig {
+            messages_per_client: per_client,
+            messages_global: global,
+            max_sessions: sessions,
+            max_sessions_per_client: per_client_sessions,
+            client_ip_header: None,
+        })
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    #[test]
+    fn a_client_over_its_rate_is_refused_and_others_are_not() {
+        let l = limits(3, 100, 10, 10);
+        for _ in 0..3 {
+            assert_eq!(l.check_message(A), Ok(()));
+        }
+        let refused = l.check_message(A).unwrap_err();
+        assert!(matches!(refused, Limited::ClientRate(_)));
+        assert_eq!(refused.retry_after_secs(), 1);
+        assert_eq!(l.check_message(B), Ok(()));
+    }
+
+    #[test]
+    fn the_global_rate_covers_all_clients() {
+        let l = limits(100, 2, 10, 10);
+        assert_eq!(l.check_message(A), Ok(()));
+        assert_eq!(l.check_message(B), Ok(()));
+        assert!(matches!(l.check_message(B), Err(Limited::GlobalRate(_))));
+    }
+
+    #[test]
+    fn session_places_are_counted_and_given_back() {
+        let l = limits(1, 1, 3, 2);
+        let a1 = l.admit_session(A).unwrap();
+        let _a2 = l.admit_session(A).unwrap();
+        assert!(matches!(l.admit_session(A), Err(Limited::ClientSessions)));
+        let _b1 = l.admit_session(B).unwrap();
+        assert!(matches!(l.admit_session(B), Err(Limited::GlobalSessions)));
+        drop(a1);
+        assert!(l.admit_session(A).is_ok(), "a closed session frees its place");
+    }
+}
