@@ -22,6 +22,7 @@ pub struct Metrics {
     pub publish_failures: AtomicU64,
     pub delivered: AtomicU64,
     pub skipped: AtomicU64,
+    pub queue_overflow: AtomicU64,
     pub rejected_frames: AtomicU64,
     pub slow_sessions_closed: AtomicU64,
     pub broker_connects: AtomicU64,
@@ -56,7 +57,12 @@ impl Metrics {
     /// The Prometheus text exposition of every figure.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 11] = [
+        let counters: [(&str, &str, &AtomicU64); 12] = [
+            (
+                "fanout_chat_queue_overflow_total",
+                "messages dropped from full session queues (x-max-length), each shown to its session as a gap",
+                &self.queue_overflow,
+            ),
             ("fanout_chat_sessions_total", "WebSocket sessions opened", &self.sessions_total),
             (
                 "fanout_chat_messages_published_total",

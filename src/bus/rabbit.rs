@@ -13,9 +13,10 @@
 //! its own queue and consumer, as it does after a lost connection.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed},
     },
     time::{Duration, Instant, SystemTime},
 };
@@ -51,6 +52,11 @@ const RECONNECT_BASE: Duration = Duration::from_millis(250);
 const HEARTBEAT_SECS: u16 = 15;
 /// How long to wait for the TCP + AMQP handshake before trying again.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Where session queues dead-letter what they drop when full (a topic exchange: the routing key
+/// is the session's queue name, so each replica binds `fanout-chat.<replica>.*`).
+const OVERFLOW_EXCHANGE: &str = "fanout-chat.overflow";
+/// Bound of a replica's overflow queue: it only carries counts, and is read as fast as it fills.
+const OVERFLOW_QUEUE_MAX_LENGTH: i32 = 10_000;
 /// A link up for this long is healthy: its loss starts the backoff from the beginning.
 const STABLE_LINK: Duration = Duration::from_secs(30);
 /// How long a clean close of a connection may take at shutdown.
@@ -69,6 +75,16 @@ struct Shared {
     shutdown: CancellationToken,
     link: watch::Receiver<LinkState>,
     supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Per session (by its first queue name): messages its full queue dropped.
+    overflow: std::sync::Mutex<HashMap<String, Arc<Dropped>>>,
+}
+
+/// Messages a session's queue dropped (oldest first, at `x-max-length`), as counted by the
+/// replica's overflow consumer from the dead-letters of that queue.
+#[derive(Default)]
+struct Dropped {
+    count: AtomicU64,
+    notify: Notify,
 }
 
 #[derive(Clone)]
@@ -126,6 +142,7 @@ impl RabbitBus {
             shutdown,
             link,
             supervisor: std::sync::Mutex::new(None),
+            overflow: std::sync::Mutex::new(HashMap::new()),
         });
         let handle = tokio::spawn(supervise(shared.clone(), sender));
         if let Ok(mut slot) = shared.supervisor.lock() {
@@ -203,12 +220,15 @@ impl RabbitBus {
         let queue = format!("fanout-chat.{}.{}", self.0.replica, session);
         let bus = self.clone();
         let name = queue.clone();
-        let active = tokio::spawn(async move { bus.attach(&link, &name).await })
+        let active = tokio::spawn(async move { bus.attach(&link, &name, &name).await })
             .await
             .map_err(|e| BusError::Broker(e.to_string()))?
             .map_err(|e| BusError::Broker(e.to_string()))?;
+        let dropped = Arc::new(Dropped::default());
+        self.0.overflow.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.clone(), dropped.clone());
         Ok(RabbitSubscription {
             bus: self.clone(),
+            dropped,
             base_queue: queue.clone(),
             restores: 0,
             queue,
@@ -217,8 +237,10 @@ impl RabbitBus {
         })
     }
 
-    /// Puts the queue on a channel of `link` and starts consuming it.
-    async fn attach(&self, link: &Arc<Link>, queue: &str) -> Result<Active, lapin::Error> {
+    /// Puts the queue on a channel of `link` and starts consuming it. What the queue drops when
+    /// full is dead-lettered to this replica's overflow queue under `session` (the session's
+    /// first queue name), which counts it for the session.
+    async fn attach(&self, link: &Arc<Link>, queue: &str, session: &str) -> Result<Active, lapin::Error> {
         let config = &self.0.config;
         let lease = self.lease_slot(link).await?;
         // Declare and bind on a short-lived channel of the same connection (an exclusive queue
@@ -228,6 +250,8 @@ impl RabbitBus {
         let mut arguments = FieldTable::default();
         arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length));
         arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(OVERFLOW_EXCHANGE.into()));
+        arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(session.into()));
         setup
             .queue_declare(
                 queue.into(),
@@ -383,7 +407,7 @@ fn backoff(failures: u32, max: Duration) -> Duration {
 }
 
 /// Opens every connection of one link and declares what publishing needs.
-async fn connect(shared: &Shared, generation: u64) -> Result<Arc<Link>, String> {
+async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, String> {
     let config = &shared.config;
     let mut connections = Vec::with_capacity(config.consumer_connections + 1);
     for index in 0..=config.consumer_connections {
@@ -398,6 +422,7 @@ async fn connect(shared: &Shared, generation: u64) -> Result<Arc<Link>, String> 
         connections.push(connection);
     }
     declare_exchange(&connections[0], &config.exchange).await.map_err(|e| describe(config, &e))?;
+    count_overflow(shared, &connections[1]).await.map_err(|e| describe(config, &e))?;
     let publisher = connections[0].create_channel().await.map_err(|e| describe(config, &e))?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| describe(config, &e))?;
     Ok(Arc::new(Link {
@@ -427,6 +452,62 @@ async fn open_connection(config: &RabbitConfig, name: String) -> Result<Connecti
     };
     let properties = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect_uri(uri, properties).await
+}
+
+/// Makes this replica's overflow queue and counts its dead-letters per session: each one is a
+/// message a full session queue dropped. The task ends with the link's connection.
+async fn count_overflow(shared: &Arc<Shared>, connection: &Connection) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .exchange_declare(
+            OVERFLOW_EXCHANGE.into(),
+            ExchangeKind::Topic,
+            ExchangeDeclareOptions { durable: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let queue = format!("fanout-chat.{}.overflow", shared.replica);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(OVERFLOW_QUEUE_MAX_LENGTH));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            arguments,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            OVERFLOW_EXCHANGE.into(),
+            format!("fanout-chat.{}.*", shared.replica).into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            ShortString::from(""),
+            BasicConsumeOptions { no_ack: true, ..Default::default() },
+            FieldTable::default(),
+        )
+        .await?;
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            shared.metrics.queue_overflow.fetch_add(1, Relaxed);
+            let session = delivery.routing_key.as_str();
+            let dropped = shared.overflow.lock().unwrap_or_else(|p| p.into_inner()).get(session).cloned();
+            if let Some(dropped) = dropped {
+                dropped.count.fetch_add(1, Relaxed);
+                dropped.notify.notify_one();
+            }
+        }
+        // Keep the channel open as long as the consumer runs.
+        drop(channel);
+    });
+    Ok(())
 }
 
 /// Declares the exchange durable. If one of that name exists with other properties, it is used
@@ -542,6 +623,8 @@ enum State {
 /// A session's subscription: its own exclusive, auto-delete queue, bound to the exchange.
 pub struct RabbitSubscription {
     bus: RabbitBus,
+    /// What this session's queue dropped because it was full.
+    dropped: Arc<Dropped>,
     /// `fanout-chat.<replica>.<session>`: the first queue's name, and the stem of the next.
     base_queue: String,
     /// How many times the queue was re-created.
@@ -558,6 +641,7 @@ impl Drop for RabbitSubscription {
         // A restore in flight finishes its broker round trips and drops what it made; it must
         // not be aborted half-way (see `subscribe`).
         self.cancel.cancel();
+        self.bus.0.overflow.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.base_queue);
     }
 }
 
@@ -565,7 +649,18 @@ impl RabbitSubscription {
     pub async fn next(&mut self) -> Option<Event> {
         match &mut self.state {
             State::Active(active) => {
-                let reason = match active.consumer.next().await {
+                let delivered = loop {
+                    tokio::select! {
+                        delivered = active.consumer.next() => break delivered,
+                        () = self.dropped.notify.notified() => {
+                            let missed = self.dropped.count.swap(0, Relaxed);
+                            if missed > 0 {
+                                return Some(Event::Gap(missed));
+                            }
+                        }
+                    }
+                };
+                let reason = match delivered {
                     Some(Ok(delivery)) => {
                         let lapin::message::Delivery { data, properties, acker, .. } = delivery;
                         // Another service may publish anything; a body far over what a browser
@@ -585,7 +680,8 @@ impl RabbitSubscription {
                 self.restores += 1;
                 let queue = format!("{}.{}", self.base_queue, self.restores);
                 self.queue.clone_from(&queue);
-                let restore = restore(self.bus.clone(), queue, failed_on, self.cancel.clone());
+                let restore =
+                    restore(self.bus.clone(), queue, self.base_queue.clone(), failed_on, self.cancel.clone());
                 self.state = State::Restoring(tokio::spawn(restore));
                 Some(Event::Interrupted(reason))
             }
@@ -603,7 +699,13 @@ impl RabbitSubscription {
 
 /// Re-creates a session's queue and consumer, on the same link when only the channel or the
 /// consumer failed, on the next link when the connection did.
-async fn restore(bus: RabbitBus, queue: String, failed_on: u64, cancel: CancellationToken) -> Option<Active> {
+async fn restore(
+    bus: RabbitBus,
+    queue: String,
+    session: String,
+    failed_on: u64,
+    cancel: CancellationToken,
+) -> Option<Active> {
     let mut attempt = 0u32;
     loop {
         let link = tokio::select! {
@@ -620,7 +722,7 @@ async fn restore(bus: RabbitBus, queue: String, failed_on: u64, cancel: Cancella
         } else {
             link
         };
-        match bus.attach(&link, &queue).await {
+        match bus.attach(&link, &queue, &session).await {
             Ok(active) => return Some(active),
             Err(e) => {
                 attempt = attempt.saturating_add(1);

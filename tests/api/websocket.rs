@@ -131,3 +131,54 @@ async fn a_session_queue_is_exclusive_auto_delete_bounded_and_consumed_with_a_pr
     );
     app.stop().await;
 }
+
+/// A browser that stops reading fills its own queue; the broker drops the oldest messages
+/// (x-max-length) and the session is told how many it missed: everything posted is either
+/// delivered, in order, or counted in a gap notice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_falls_behind_is_told_how_many_messages_its_full_queue_dropped() {
+    let mut config = crate::helpers::test_config(BusKind::Rabbit);
+    config.max_message_bytes = 64 * 1024;
+    let rabbit = config.rabbitmq.as_mut().unwrap();
+    rabbit.queue_max_length = 5;
+    rabbit.prefetch = 1;
+    let app = crate::helpers::spawn_app_with(config).await;
+    let mut slow = app.connect().await;
+
+    // Large messages fill the socket buffers between the app and the unread client, so the
+    // session's consumer stalls and its queue overflows.
+    const POSTED: usize = 300;
+    let body = "x".repeat(60 * 1024);
+    for n in 0..POSTED {
+        let response = app.post_json(serde_json::json!({ "text": format!("{n:03} {body}") })).await;
+        assert_eq!(response.status(), 202);
+    }
+    let metric = |text: &str| -> u64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("fanout_chat_queue_overflow_total "))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    // Now read everything: delivered messages in order, plus gap notices for the rest.
+    let (mut delivered, mut missed, mut last) = (0, 0, None::<usize>);
+    while delivered + missed < POSTED {
+        let frame = slow.next_frame().await;
+        match frame["type"].as_str() {
+            Some("gap") => missed += frame["missed"].as_u64().unwrap() as usize,
+            None => {
+                let n: usize = frame["text"].as_str().unwrap()[..3].parse().unwrap();
+                assert!(last.is_none_or(|l| n > l), "in order, no duplicates: {n} after {last:?}");
+                last = Some(n);
+                delivered += 1;
+            }
+            Some(other) => panic!("unexpected frame {other}"),
+        }
+    }
+    assert_eq!(delivered + missed, POSTED);
+    assert!(missed > 0, "the queue overflowed (else this test tests nothing)");
+    assert_eq!(last, Some(POSTED - 1), "the newest message is never the one dropped");
+    let overflowed = metric(&app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap());
+    assert_eq!(overflowed as usize, missed, "the metric counts what the session was told");
+    app.stop().await;
+}
