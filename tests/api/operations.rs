@@ -190,3 +190,51 @@ async fn on_stop_the_app_drains_before_closing_sessions() {
     assert!(signalled.elapsed() >= std::time::Duration::from_secs(2), "closed only after the drain period");
     app.stop().await;
 }
+
+/// Quiet sessions are pinged, so proxies with idle timeouts never cut them, and a session that
+/// answers stays open however long it is quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_session_is_pinged_and_stays_open_while_it_answers() {
+    use futures_util::StreamExt;
+    let mut config = test_config(BusKind::Memory);
+    config.ws_ping_interval = std::time::Duration::from_secs(1);
+    let app = spawn_app_with(config).await;
+    let mut session = app.connect().await;
+    // Reading lets the client answer each ping with a pong (tungstenite does it on read).
+    let mut pings = 0;
+    within("four pings", async {
+        while pings < 4 {
+            match session.stream.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Ping(_))) => pings += 1,
+                other => panic!("expected only pings on a quiet session, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    let message = app.post_text("still here after four pings").await;
+    assert_eq!(session.next_message().await, message);
+    app.stop().await;
+}
+
+/// A peer that stops answering pings (a vanished laptop, a dead NAT entry) is closed and its
+/// place given back, instead of holding a queue forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_that_stops_answering_pings_is_closed() {
+    let mut config = test_config(BusKind::Rabbit);
+    config.ws_ping_interval = std::time::Duration::from_secs(1);
+    let app = spawn_app_with(config).await;
+    let silent = app.connect().await;
+    let queue = silent.queue();
+    // Never read again: no pongs go back.
+    wait_for_queue(&queue, true).await;
+    within("the silent session's queue to go", async {
+        while crate::helpers::queue_exists(&queue).await {
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    let metrics = app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("fanout_chat_sessions_open 0"), "{metrics}");
+    drop(silent);
+    app.stop().await;
+}
