@@ -101,6 +101,7 @@ impl Bus {
                 rabbit.clone(),
                 config.replica.clone(),
                 config.max_frame_bytes(),
+                config.memory_capacity,
                 metrics,
                 shutdown,
             )),
@@ -120,7 +121,7 @@ impl Bus {
     pub async fn subscribe(&self, session: &str) -> Result<Subscription, BusError> {
         match self {
             Self::Memory(bus) => Ok(Subscription::Memory(bus.subscribe())),
-            Self::Rabbit(bus) => bus.subscribe(session).await.map(|s| Subscription::Rabbit(Box::new(s))),
+            Self::Rabbit(bus) => bus.subscribe(session).await,
         }
     }
 

@@ -18,8 +18,9 @@ pub struct Config {
     pub rabbitmq: Option<RabbitConfig>,
     /// `NOTIFIER_MAX_MESSAGE_BYTES` (default `4096`): largest accepted message text, in UTF-8 bytes.
     pub max_message_bytes: usize,
-    /// `NOTIFIER_MEMORY_CAPACITY` (default `1024`): messages the embedded bus keeps for a
-    /// session that falls behind before that session skips ahead (and is told so).
+    /// `NOTIFIER_MEMORY_CAPACITY` (default `1024`): messages kept for a session that falls
+    /// behind, on the embedded bus and in `process` fan-out mode, before that session skips
+    /// ahead (and is told so).
     pub memory_capacity: usize,
     /// `NOTIFIER_WS_PING_SECS` (default `20`): how often each WebSocket is pinged. Below the
     /// 60 s idle timeout of common proxies (ingress-nginx), so quiet sessions are never cut.
@@ -98,6 +99,21 @@ pub struct RabbitConfig {
     pub publish_timeout: Duration,
     /// `NOTIFIER_RECONNECT_MAX_SECS` (default `30`): cap of the exponential reconnect backoff.
     pub reconnect_max: Duration,
+    /// `NOTIFIER_FANOUT_MODE` (default `session`): where messages are copied to sessions.
+    pub fanout: FanoutMode,
+}
+
+/// Where the copy per session is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FanoutMode {
+    /// The broker copies each message into every session's own queue (the design's default:
+    /// per-session bounds, acks and gaps in the broker).
+    #[default]
+    Session,
+    /// One queue per process; the process copies each message to its sessions in memory
+    /// (per-session bounded buffers of `NOTIFIER_MEMORY_CAPACITY`; a slow session skips ahead
+    /// and is told). Far fewer broker deliveries at thousands of sessions.
+    Process,
 }
 
 impl RabbitConfig {
@@ -165,6 +181,7 @@ struct Env {
     notifier_consumer_connections: Option<String>,
     notifier_publish_timeout_ms: Option<String>,
     notifier_reconnect_max_secs: Option<String>,
+    notifier_fanout_mode: Option<String>,
     notifier_ws_ping_secs: Option<String>,
     notifier_ws_send_timeout_secs: Option<String>,
     notifier_ws_write_buffer_bytes: Option<String>,
@@ -295,6 +312,21 @@ impl Config {
                 1,
                 600_000,
             )?),
+            fanout: match env
+                .notifier_fanout_mode
+                .as_deref()
+                .map(|m| m.trim().to_ascii_lowercase())
+                .as_deref()
+            {
+                None | Some("" | "session") => FanoutMode::Session,
+                Some("process") => FanoutMode::Process,
+                Some(_) => {
+                    return Err(ConfigError(format!(
+                        "NOTIFIER_FANOUT_MODE={:?}: expected session or process",
+                        env.notifier_fanout_mode.unwrap_or_default()
+                    )));
+                }
+            },
             reconnect_max: secs(ranged(
                 "NOTIFIER_RECONNECT_MAX_SECS",
                 env.notifier_reconnect_max_secs,

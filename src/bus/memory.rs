@@ -3,7 +3,10 @@
 //! Every session sees every message published through this process, and nothing else: two
 //! replicas on this bus do not see each other, which is why start-up warns loudly about it.
 //! A session that falls more than the channel's capacity behind skips ahead and is told how
-//! many messages it missed.
+//! many messages it missed: a slow session is never waited for.
+//!
+//! The RabbitMQ bus in `process` fan-out mode uses the same channel to hand the messages of
+//! its one per-process queue to the sessions, with notices of broker outages in between.
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
@@ -12,9 +15,17 @@ use tokio::sync::broadcast;
 use super::{BusError, Event, Frame};
 use crate::{chat::Envelope, metrics::Metrics};
 
+/// What goes through the channel.
+#[derive(Clone, Debug)]
+enum Item {
+    Frame(Frame),
+    Interrupted(String),
+    Restored,
+}
+
 #[derive(Clone)]
 pub struct MemoryBus {
-    sender: broadcast::Sender<Frame>,
+    sender: broadcast::Sender<Item>,
     metrics: Arc<Metrics>,
 }
 
@@ -25,9 +36,19 @@ impl MemoryBus {
     }
 
     pub fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
-        // Sending fails only when nobody listens, and then there is nobody to deliver to.
-        let _ = self.sender.send(Frame::from(envelope.to_json()));
+        self.send_frame(Frame::from(envelope.to_json()));
         Ok(())
+    }
+
+    /// Hands one frame to every session.
+    pub fn send_frame(&self, frame: Frame) {
+        // Sending fails only when nobody listens, and then there is nobody to deliver to.
+        let _ = self.sender.send(Item::Frame(frame));
+    }
+
+    /// Tells every session that delivery stopped, or that it is back.
+    pub fn send_notice(&self, interrupted: Option<String>) {
+        let _ = self.sender.send(interrupted.map_or(Item::Restored, Item::Interrupted));
     }
 
     pub fn subscribe(&self) -> MemorySubscription {
@@ -36,14 +57,16 @@ impl MemoryBus {
 }
 
 pub struct MemorySubscription {
-    receiver: broadcast::Receiver<Frame>,
+    receiver: broadcast::Receiver<Item>,
     metrics: Arc<Metrics>,
 }
 
 impl MemorySubscription {
     pub async fn next(&mut self) -> Option<Event> {
         match self.receiver.recv().await {
-            Ok(frame) => Some(Event::Message(frame, None)),
+            Ok(Item::Frame(frame)) => Some(Event::Message(frame, None)),
+            Ok(Item::Interrupted(reason)) => Some(Event::Interrupted(reason)),
+            Ok(Item::Restored) => Some(Event::Restored),
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 self.metrics.skipped.fetch_add(missed, Relaxed);
                 Some(Event::Gap(missed))

@@ -39,10 +39,10 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, BusError, Event, Frame, Readiness};
+use super::{Ack, BusError, Event, Frame, MemoryBus, Readiness, Subscription};
 use crate::{
     chat::{Decoded, Envelope, ForeignProperties},
-    config::RabbitConfig,
+    config::{FanoutMode, RabbitConfig},
     metrics::Metrics,
 };
 
@@ -75,6 +75,8 @@ struct Shared {
     shutdown: CancellationToken,
     link: watch::Receiver<LinkState>,
     supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// In `process` fan-out mode: hands the process queue's messages to the sessions.
+    local: Option<MemoryBus>,
     /// Per session (by its first queue name): messages its full queue dropped.
     overflow: std::sync::Mutex<HashMap<String, Arc<Dropped>>>,
 }
@@ -130,11 +132,15 @@ impl RabbitBus {
         config: RabbitConfig,
         replica: String,
         max_frame_bytes: usize,
+        session_buffer: usize,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
         let (sender, link) = watch::channel(LinkState::Down("connecting to the broker".into()));
+        let local =
+            (config.fanout == FanoutMode::Process).then(|| MemoryBus::new(session_buffer, metrics.clone()));
         let shared = Arc::new(Shared {
+            local,
             config,
             replica,
             max_frame_bytes,
@@ -215,8 +221,11 @@ impl RabbitBus {
     /// Declares, binds and consumes the session's queue. The work runs in its own task, so a
     /// caller that gives up (a browser that goes away mid-handshake) cannot leave a consumer
     /// half made: the task finishes, and its result is dropped cleanly.
-    pub async fn subscribe(&self, session: &str) -> Result<RabbitSubscription, BusError> {
+    pub async fn subscribe(&self, session: &str) -> Result<Subscription, BusError> {
         let link = self.current_link()?;
+        if let Some(local) = &self.0.local {
+            return Ok(Subscription::Memory(local.subscribe()));
+        }
         let queue = format!("fanout-chat.{}.{}", self.0.replica, session);
         let bus = self.clone();
         let name = queue.clone();
@@ -226,7 +235,7 @@ impl RabbitBus {
             .map_err(|e| BusError::Broker(e.to_string()))?;
         let dropped = Arc::new(Dropped::default());
         self.0.overflow.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.clone(), dropped.clone());
-        Ok(RabbitSubscription {
+        Ok(Subscription::Rabbit(Box::new(RabbitSubscription {
             bus: self.clone(),
             dropped,
             base_queue: queue.clone(),
@@ -234,7 +243,7 @@ impl RabbitBus {
             queue,
             state: State::Active(active),
             cancel: self.0.shutdown.child_token(),
-        })
+        })))
     }
 
     /// Puts the queue on a channel of `link` and starts consuming it. What the queue drops when
@@ -358,6 +367,9 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                         shared.metrics.broker_reconnects.fetch_add(1, Relaxed);
                         shared.metrics.broker_last_outage_ms.store(outage_ms, Relaxed);
                         tracing::info!(outage_ms, generation, "broker link restored");
+                        if let Some(local) = &shared.local {
+                            local.send_notice(None);
+                        }
                     }
                     None => tracing::info!(
                         host = %config.host, port = config.port, exchange = %config.exchange,
@@ -381,6 +393,9 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                 shared.metrics.broker_disconnects.fetch_add(1, Relaxed);
                 shared.metrics.broker_ready.store(0, Relaxed);
                 lost_at = Some(Instant::now());
+                if let Some(local) = &shared.local {
+                    local.send_notice(Some(reason.clone()));
+                }
                 state.send_replace(LinkState::Down(format!("broker link lost: {reason}")));
                 close_link(&link).await;
             }
@@ -423,6 +438,11 @@ async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, Str
     }
     declare_exchange(&connections[0], &config.exchange).await.map_err(|e| describe(config, &e))?;
     count_overflow(shared, &connections[1]).await.map_err(|e| describe(config, &e))?;
+    if let Some(local) = &shared.local {
+        consume_for_process(shared, local.clone(), &connections[1])
+            .await
+            .map_err(|e| describe(config, &e))?;
+    }
     let publisher = connections[0].create_channel().await.map_err(|e| describe(config, &e))?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| describe(config, &e))?;
     Ok(Arc::new(Link {
@@ -505,6 +525,62 @@ async fn count_overflow(shared: &Arc<Shared>, connection: &Connection) -> Result
             }
         }
         // Keep the channel open as long as the consumer runs.
+        drop(channel);
+    });
+    Ok(())
+}
+
+/// `process` fan-out mode: one exclusive queue for this whole process, bound to the exchange;
+/// a task hands each message to every session through the in-memory channel and acks it.
+async fn consume_for_process(
+    shared: &Arc<Shared>,
+    local: MemoryBus,
+    connection: &Connection,
+) -> Result<(), lapin::Error> {
+    let config = &shared.config;
+    let channel = connection.create_channel().await?;
+    let queue = format!("fanout-chat.{}.process", shared.replica);
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+    channel
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
+            arguments,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.as_str().into(),
+            config.exchange.as_str().into(),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel.basic_qos(config.prefetch, BasicQosOptions { global: false }).await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.as_str().into(),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let max_frame_bytes = shared.max_frame_bytes;
+    let metrics = shared.metrics.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let lapin::message::Delivery { data, properties, acker, .. } = delivery;
+            if data.len() <= max_frame_bytes {
+                // The channel never waits: a session that is behind skips ahead (and is told).
+                local.send_frame(frame(data, &properties));
+            } else {
+                metrics.skipped.fetch_add(1, Relaxed);
+            }
+            Ack(acker).send().await;
+        }
         drop(channel);
     });
     Ok(())

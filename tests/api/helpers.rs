@@ -36,6 +36,8 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
 pub enum BusKind {
     Memory,
     Rabbit,
+    /// RabbitMQ with `NOTIFIER_FANOUT_MODE=process`: one queue per process.
+    RabbitProcess,
 }
 
 /// A unique exchange per test, so tests run in parallel without seeing each other.
@@ -53,6 +55,13 @@ pub fn test_config(kind: BusKind) -> Config {
     match kind {
         BusKind::Memory => config,
         BusKind::Rabbit => config.with_rabbitmq(AMQP_HOST, AMQP_PORT, &unique_exchange()),
+        BusKind::RabbitProcess => {
+            let mut config = config.with_rabbitmq(AMQP_HOST, AMQP_PORT, &unique_exchange());
+            if let Some(rabbit) = config.rabbitmq.as_mut() {
+                rabbit.fanout = fanout_chat::config::FanoutMode::Process;
+            }
+            config
+        }
     }
 }
 

@@ -12,10 +12,11 @@ mod messages;
 mod operations;
 mod page;
 mod process;
+mod process_mode;
 mod replicas;
 mod websocket;
 
-/// Runs an `async fn name(kind: BusKind)` test body once per bus.
+/// Runs an `async fn name(kind: BusKind)` test body once per bus (and per RabbitMQ fan-out mode).
 #[macro_export]
 macro_rules! both_buses {
     ($($name:ident),* $(,)?) => {
@@ -32,6 +33,14 @@ macro_rules! both_buses {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::helpers::BusKind::Rabbit).await
+                }
+            )*
+        }
+        mod rabbit_process {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::helpers::BusKind::RabbitProcess).await
                 }
             )*
         }
