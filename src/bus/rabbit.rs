@@ -77,16 +77,21 @@ struct Shared {
     supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
     /// In `process` fan-out mode: hands the process queue's messages to the sessions.
     local: Option<MemoryBus>,
-    /// Per session (by its first queue name): messages its full queue dropped.
-    overflow: std::sync::Mutex<HashMap<String, Arc<Dropped>>>,
+    /// Every open session, by its first queue name: what its full queue dropped, and which
+    /// link its queue is bound on.
+    sessions: std::sync::Mutex<HashMap<String, Arc<SessionEntry>>>,
 }
 
-/// Messages a session's queue dropped (oldest first, at `x-max-length`), as counted by the
-/// replica's overflow consumer from the dead-letters of that queue.
+/// What the bus knows of one open session.
 #[derive(Default)]
-struct Dropped {
-    count: AtomicU64,
+struct SessionEntry {
+    /// Messages its queue dropped (oldest first, at `x-max-length`), as counted by the
+    /// replica's overflow consumer from the dead-letters of that queue.
+    dropped: AtomicU64,
     notify: Notify,
+    /// The generation of the link its queue is bound on; behind the current link while the
+    /// session re-creates its queue after an outage.
+    generation: AtomicU64,
 }
 
 #[derive(Clone)]
@@ -100,6 +105,10 @@ enum LinkState {
 /// One generation of broker connections and what was declared on them.
 struct Link {
     generation: u64,
+    /// Publishing is allowed. After a reconnect this waits until every open session has its
+    /// queue bound again, so that no message is confirmed (202) while a session's queue is
+    /// missing: it would be lost for that session without a trace.
+    ready: std::sync::atomic::AtomicBool,
     publisher: Channel,
     connections: Vec<Connection>,
     /// Consumer channels and how many sessions each carries.
@@ -148,7 +157,7 @@ impl RabbitBus {
             shutdown,
             link,
             supervisor: std::sync::Mutex::new(None),
-            overflow: std::sync::Mutex::new(HashMap::new()),
+            sessions: std::sync::Mutex::new(HashMap::new()),
         });
         let handle = tokio::spawn(supervise(shared.clone(), sender));
         if let Ok(mut slot) = shared.supervisor.lock() {
@@ -158,10 +167,19 @@ impl RabbitBus {
     }
 
     pub fn readiness(&self) -> Readiness {
-        match &*self.0.link.borrow() {
-            LinkState::Up(_) => Ok(()),
-            LinkState::Down(reason) => Err(reason.clone()),
-            LinkState::Closed => Err("shutting down".into()),
+        self.ready_link().map(drop).map_err(|e| match e {
+            BusError::Unavailable(reason) => reason,
+            other => other.to_string(),
+        })
+    }
+
+    /// The link, if publishing is allowed on it now.
+    fn ready_link(&self) -> Result<Arc<Link>, BusError> {
+        let link = self.current_link()?;
+        if link.ready.load(Relaxed) {
+            Ok(link)
+        } else {
+            Err(BusError::Unavailable("re-creating the open sessions' queues after a reconnect".into()))
         }
     }
 
@@ -174,7 +192,7 @@ impl RabbitBus {
     }
 
     pub async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
-        let link = self.current_link()?;
+        let link = self.ready_link()?;
         let config = &self.0.config;
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
@@ -233,11 +251,13 @@ impl RabbitBus {
             .await
             .map_err(|e| BusError::Broker(e.to_string()))?
             .map_err(|e| BusError::Broker(e.to_string()))?;
-        let dropped = Arc::new(Dropped::default());
-        self.0.overflow.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.clone(), dropped.clone());
+        let entry =
+            Arc::new(SessionEntry { generation: AtomicU64::new(active.generation), ..Default::default() });
+        self.0.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.clone(), entry.clone());
         Ok(Subscription::Rabbit(Box::new(RabbitSubscription {
             bus: self.clone(),
-            dropped,
+            entry,
+            link: self.0.link.clone(),
             base_queue: queue.clone(),
             restores: 0,
             queue,
@@ -377,6 +397,7 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                     ),
                 }
                 state.send_replace(LinkState::Up(link.clone()));
+                tokio::spawn(open_when_sessions_are_bound(shared.clone(), link.clone()));
                 let reason = tokio::select! {
                     reason = link_lost(&link) => reason,
                     () = shared.shutdown.cancelled() => {
@@ -415,6 +436,38 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
     shared.metrics.broker_ready.store(0, Relaxed);
 }
 
+/// Longest wait, after a reconnect, for the open sessions to bind their queues again before
+/// publishing resumes anyway (a session that cannot restore must not stop everyone's chat).
+const RESTORE_GRACE: Duration = Duration::from_secs(30);
+
+/// Allows publishing on `link` once every open session's queue is bound on it (at once after
+/// the first connect, when there are none), or after [`RESTORE_GRACE`].
+async fn open_when_sessions_are_bound(shared: Arc<Shared>, link: Arc<Link>) {
+    let started = Instant::now();
+    let behind = || {
+        let sessions = shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        sessions.values().filter(|s| s.generation.load(Relaxed) < link.generation).count()
+    };
+    loop {
+        let waiting = behind();
+        if waiting == 0 {
+            break;
+        }
+        if started.elapsed() > RESTORE_GRACE {
+            tracing::warn!(waiting, "sessions still re-creating their queues; publishing resumes anyway");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    if started.elapsed() > Duration::from_millis(10) {
+        tracing::info!(
+            took_ms = started.elapsed().as_millis() as u64,
+            "open sessions bound again; publishing resumes"
+        );
+    }
+    link.ready.store(true, Relaxed);
+}
+
 /// Full jitter: a random delay up to the capped exponential step.
 fn backoff(failures: u32, max: Duration) -> Duration {
     let step = RECONNECT_BASE.saturating_mul(1 << failures.min(16)).min(max);
@@ -447,6 +500,7 @@ async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, Str
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| describe(config, &e))?;
     Ok(Arc::new(Link {
         generation,
+        ready: std::sync::atomic::AtomicBool::new(false),
         publisher,
         connections,
         pool: Mutex::new(Vec::new()),
@@ -518,10 +572,10 @@ async fn count_overflow(shared: &Arc<Shared>, connection: &Connection) -> Result
         while let Some(Ok(delivery)) = consumer.next().await {
             shared.metrics.queue_overflow.fetch_add(1, Relaxed);
             let session = delivery.routing_key.as_str();
-            let dropped = shared.overflow.lock().unwrap_or_else(|p| p.into_inner()).get(session).cloned();
-            if let Some(dropped) = dropped {
-                dropped.count.fetch_add(1, Relaxed);
-                dropped.notify.notify_one();
+            let entry = shared.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session).cloned();
+            if let Some(entry) = entry {
+                entry.dropped.fetch_add(1, Relaxed);
+                entry.notify.notify_one();
             }
         }
         // Keep the channel open as long as the consumer runs.
@@ -699,8 +753,11 @@ enum State {
 /// A session's subscription: its own exclusive, auto-delete queue, bound to the exchange.
 pub struct RabbitSubscription {
     bus: RabbitBus,
-    /// What this session's queue dropped because it was full.
-    dropped: Arc<Dropped>,
+    /// What the bus knows of this session (drops, generation).
+    entry: Arc<SessionEntry>,
+    /// The bus's link state: a link declared dead (by its heartbeat) may never fail this
+    /// session's consumer, so the session watches the link too.
+    link: watch::Receiver<LinkState>,
     /// `fanout-chat.<replica>.<session>`: the first queue's name, and the stem of the next.
     base_queue: String,
     /// How many times the queue was re-created.
@@ -717,7 +774,7 @@ impl Drop for RabbitSubscription {
         // A restore in flight finishes its broker round trips and drops what it made; it must
         // not be aborted half-way (see `subscribe`).
         self.cancel.cancel();
-        self.bus.0.overflow.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.base_queue);
+        self.bus.0.sessions.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.base_queue);
     }
 }
 
@@ -727,27 +784,42 @@ impl RabbitSubscription {
             State::Active(active) => {
                 let delivered = loop {
                     tokio::select! {
-                        delivered = active.consumer.next() => break delivered,
-                        () = self.dropped.notify.notified() => {
-                            let missed = self.dropped.count.swap(0, Relaxed);
+                        delivered = active.consumer.next() => break Ok(delivered),
+                        () = self.entry.notify.notified() => {
+                            let missed = self.entry.dropped.swap(0, Relaxed);
                             if missed > 0 {
                                 return Some(Event::Gap(missed));
+                            }
+                        }
+                        changed = self.link.changed() => {
+                            if changed.is_err() {
+                                return None;
+                            }
+                            let still_up = matches!(
+                                &*self.link.borrow_and_update(),
+                                LinkState::Up(link) if link.generation == active.generation
+                            );
+                            if !still_up {
+                                break Err("the broker link was lost".to_owned());
                             }
                         }
                     }
                 };
                 let reason = match delivered {
-                    Some(Ok(delivery)) => {
-                        let lapin::message::Delivery { data, properties, acker, .. } = delivery;
-                        // Another service may publish anything; a body far over what a browser
-                        // may send is skipped rather than copied into thousands of sessions.
-                        if data.len() > self.bus.0.max_frame_bytes {
-                            return Some(Event::Oversized { bytes: data.len(), ack: Ack(acker) });
+                    Err(reason) => reason,
+                    Ok(delivered) => match delivered {
+                        Some(Ok(delivery)) => {
+                            let lapin::message::Delivery { data, properties, acker, .. } = delivery;
+                            // Another service may publish anything; a body far over what a browser
+                            // may send is skipped rather than copied into thousands of sessions.
+                            if data.len() > self.bus.0.max_frame_bytes {
+                                return Some(Event::Oversized { bytes: data.len(), ack: Ack(acker) });
+                            }
+                            return Some(Event::Message(frame(data, &properties), Some(Ack(acker))));
                         }
-                        return Some(Event::Message(frame(data, &properties), Some(Ack(acker))));
-                    }
-                    Some(Err(e)) => e.to_string(),
-                    None => "the broker cancelled the session's consumer".to_owned(),
+                        Some(Err(e)) => e.to_string(),
+                        None => "the broker cancelled the session's consumer".to_owned(),
+                    },
                 };
                 tracing::warn!(queue = %self.queue, %reason, "session delivery interrupted");
                 let failed_on = active.generation;
@@ -764,6 +836,7 @@ impl RabbitSubscription {
             State::Restoring(task) => {
                 // Awaiting a `&mut JoinHandle` is cancel-safe: the task keeps running.
                 let active = task.await.ok().flatten()?;
+                self.entry.generation.store(active.generation, Relaxed);
                 self.bus.0.metrics.resubscribes.fetch_add(1, Relaxed);
                 tracing::info!(queue = %self.queue, "session delivery restored");
                 self.state = State::Active(active);

@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails loudly where its setup is broken")]
 
 mod capacity;
+mod chaos;
+mod faults;
 mod helpers;
 mod interop;
 mod limits;
