@@ -9,5 +9,9 @@
 #[allow(dead_code, reason = "the browser tests use only part of the API tests' helpers")]
 mod helpers;
 
+#[path = "../api/chaos.rs"]
+#[allow(dead_code, reason = "the browser tests use only part of the proxy")]
+mod chaos;
+
 mod driver;
 mod scenarios;

@@ -325,3 +325,30 @@ async fn the_list_follows_new_messages_only_while_the_reader_is_at_the_bottom() 
     page.close().await;
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_shows_when_delivery_is_interrupted_by_the_broker_and_when_it_is_back() {
+    let proxy = crate::chaos::ChaosProxy::start(
+        format!("{}:{}", crate::helpers::AMQP_HOST, crate::helpers::AMQP_PORT).parse().unwrap(),
+    )
+    .await;
+    let mut config = test_config(BusKind::Rabbit);
+    config.rabbitmq.as_mut().unwrap().port = proxy.port();
+    let app = spawn_app_with(config).await;
+    let driver = Driver::start().await;
+    let page = open(&driver, &app, DESKTOP).await;
+
+    proxy.cut().await;
+    page.wait_for_state("interrupted").await;
+    let status = page.eval("document.getElementById('status').textContent").await;
+    assert!(status.as_str().unwrap().contains("interrupted"), "{status}");
+    page.screenshot("10-broker-interrupted").await;
+
+    proxy.restore().await;
+    page.wait_for_state("connected").await;
+    app.wait_until_ready().await;
+    app.post_text("delivered again").await;
+    page.wait_for_message("delivered again").await;
+    page.close().await;
+    app.stop().await;
+}
