@@ -569,6 +569,9 @@ fn machine_busy_ticks() -> Option<u64> {
     Some(fields.iter().take(8).enumerate().filter(|(i, _)| *i != 3 && *i != 4).map(|(_, t)| t).sum())
 }
 
+/// Above this share of one core for other processes, a run is flagged as disturbed.
+const DISTURBED_PCT: f64 = 25.0;
+
 /// CPU shares over a window, in percent of one core (the machine has cores × 100 %).
 #[derive(Clone, Copy, Debug, Default)]
 struct CpuShare {
@@ -581,6 +584,12 @@ struct CpuShare {
 }
 
 impl CpuShare {
+    /// Other processes took a noticeable share of the machine during the window: the figures
+    /// of that run are not this app's alone.
+    fn disturbed(&self) -> bool {
+        self.other.is_some_and(|o| o > DISTURBED_PCT)
+    }
+
     fn describe(&self) -> String {
         let pct = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}%"));
         format!("{} / {} / {:.0}% / {}", pct(self.app), pct(self.broker), self.generator, pct(self.other))
@@ -1636,7 +1645,7 @@ fn tables(scenarios: &[Scenario]) -> String {
                     d.lost,
                     d.duplicated,
                     d.reordered,
-                    d.cpu.describe(),
+                    d.cpu.describe() + if d.cpu.disturbed() { " ⚠" } else { "" },
                 );
             }
         }
@@ -1779,6 +1788,20 @@ fn generator_checks(scenarios: &[Scenario]) -> String {
              runs' (WebSocket readers), so the app-to-raw ratio is, if anything, flattering to the app."
         );
     }
+    let disturbed: Vec<String> = scenarios
+        .iter()
+        .flat_map(|s| &s.runs)
+        .filter(|d| d.cpu.disturbed())
+        .map(|d| format!("N={} {} {}", d.sessions, d.run, d.load.name()))
+        .collect();
+    if !disturbed.is_empty() {
+        let _ = writeln!(
+            out,
+            "- **Disturbed** (⚠: other processes used over {DISTURBED_PCT:.0} % of a core meanwhile; those figures are \
+             not the app's alone, run again): {}.",
+            disturbed.join(", ")
+        );
+    }
     for s in scenarios {
         if let Some(raw) = s.find("raw", Load::Steady) {
             let offered = raw.achieved_rate * raw.sessions as f64;
@@ -1858,16 +1881,19 @@ fn machine() -> Machine {
         .map_or("unknown (rabbitmqctl -q version failed)".into(), |v| v.trim().to_owned());
     let rustc = run_bounded("rustc", &["--version"], limit).map_or("unknown".into(), |v| v.trim().to_owned());
     let dir = env!("CARGO_MANIFEST_DIR");
-    // Read-only git: the commit, and how many tracked files differ from it (no index refresh).
+    // Read-only git: the commit, and how many of the files the binary is built from differ from
+    // it (`--no-optional-locks`: no index refresh).
     let commit = run_bounded("git", &["-C", dir, "rev-parse", "--short", "HEAD"], limit)
         .map_or("unknown".into(), |c| c.trim().to_owned());
-    let changed = run_bounded(
-        "git",
-        &["-C", dir, "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"],
-        limit,
-    )
-    .map_or(0, |s| s.lines().count());
-    let commit = if changed > 0 { format!("{commit} with {changed} modified files") } else { commit };
+    let status = ["--no-optional-locks", "status", "--porcelain", "--untracked-files=no", "--"];
+    let built_from = ["src", "Cargo.toml", "Cargo.lock", "templates", "static"];
+    let args: Vec<&str> = ["-C", dir].iter().chain(&status).chain(&built_from).copied().collect();
+    let changed = run_bounded("git", &args, limit).map_or(0, |s| s.lines().count());
+    let commit = if changed > 0 {
+        format!("{commit} with {changed} uncommitted changes in src/, Cargo.*, templates/ or static/")
+    } else {
+        commit
+    };
     Machine { cores, memory, cpu_model, kernel, rabbitmq, rustc, commit }
 }
 
@@ -1908,9 +1934,9 @@ fn markdown(options: &Options, m: &Machine, scenarios: &[Scenario], started: &st
     out.push_str(&targets(scenarios));
     out.push_str(
         "\nThroughput is judged on the burst phase (the ceiling), latency on the steady phase. Burst figures \
-         move from run to run: on the 2-core machine this tool was written on, the app-to-raw ratio at one N \
-         varied by about ±0.2 between runs (and p99 − raw at N=100 between +4 and +7 ms), so judge \
-         the targets over a few runs.\n",
+         move from run to run: on the 2-core machine this tool was written on, over five runs the app-to-raw \
+         burst ratio at N=1000 ranged from 0.48 to 1.05 (usually 0.5–0.8), and p99 − raw at N=100 from +4 to \
+         +7.5 ms. Judge the targets over a few runs.\n",
     );
     out.push_str("\n## Is the generator the bottleneck?\n\n");
     out.push_str(&generator_checks(scenarios));
