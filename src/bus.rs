@@ -5,12 +5,14 @@
 //! broadcast, for zero-setup local runs). Both sit behind [`Bus`], and every caller matches
 //! neither: it publishes [`Envelope`]s and reads [`Event`]s.
 
+pub mod history;
 mod memory;
 mod rabbit;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::Utf8Bytes;
+use history::History;
 use tokio_util::sync::CancellationToken;
 
 pub use memory::MemoryBus;
@@ -45,17 +47,36 @@ pub enum BusError {
 /// It holds the WebSocket text type itself, built once from a `String`, so the UTF-8 check is
 /// never repeated per session, and clones (one per session on the embedded bus) share the bytes.
 #[derive(Clone, Debug)]
-pub struct Frame(Utf8Bytes);
+pub struct Frame {
+    text: Utf8Bytes,
+    /// What the message is, as a hash: equal for the copies of one message that reach a session
+    /// by two paths (its queue and the history window), so a resuming session sends it once.
+    key: u64,
+}
 
 impl Frame {
+    pub fn new(json: String, key: u64) -> Self {
+        Self { text: Utf8Bytes::from(json), key }
+    }
+
     pub fn into_text(self) -> Utf8Bytes {
-        self.0
+        self.text
+    }
+
+    pub fn text(&self) -> &str {
+        self.text.as_str()
+    }
+
+    pub fn key(&self) -> u64 {
+        self.key
     }
 }
 
 impl From<String> for Frame {
+    /// A frame whose key is the hash of its JSON: for messages this process made.
     fn from(json: String) -> Self {
-        Self(Utf8Bytes::from(json))
+        let key = history::key_of(&json);
+        Self::new(json, key)
     }
 }
 
@@ -72,6 +93,12 @@ pub enum Event {
     Interrupted(String),
     /// Delivery is back after an interruption.
     Restored,
+    /// A resuming session's queue delivered a message the history replay already sent:
+    /// acknowledge it, send nothing.
+    Duplicate(Option<Ack>),
+    /// A resuming session cannot get everything it asked for: why, and the message (id and
+    /// time in milliseconds) the replay starts from, if any.
+    ReplayGap { reason: &'static str, replay_from: Option<(String, i64)> },
 }
 
 /// The acknowledgement of one RabbitMQ delivery.
@@ -95,13 +122,15 @@ impl Bus {
     /// Builds the bus the configuration selects. For RabbitMQ this returns at once and connects
     /// in the background: an unreachable broker makes the process not-ready, never stops it.
     pub fn start(config: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
+        let history = History::new(config.history_window);
         match &config.rabbitmq {
-            None => Self::Memory(MemoryBus::new(config.memory_capacity, metrics)),
+            None => Self::Memory(MemoryBus::new(config.memory_capacity, Some(history), metrics)),
             Some(rabbit) => Self::Rabbit(RabbitBus::start(
                 rabbit.clone(),
                 config.replica.clone(),
                 config.max_frame_bytes(),
                 config.memory_capacity,
+                history,
                 metrics,
                 shutdown,
             )),
@@ -116,12 +145,53 @@ impl Bus {
         }
     }
 
-    /// Starts receiving every message published from now on. When this returns, the session
-    /// is bound: a message published after it is delivered to it.
-    pub async fn subscribe(&self, session: &str) -> Result<Subscription, BusError> {
+    /// Starts receiving every message published from now on, and, with `since` (the id of the
+    /// last message the session saw), every message after that one first. When this returns,
+    /// the session is bound: a message published after it is delivered to it.
+    pub async fn subscribe(&self, session: &str, since: Option<&str>) -> Result<Subscription, BusError> {
+        let live = match self {
+            Self::Memory(bus) => Subscription::Memory(bus.subscribe()),
+            Self::Rabbit(bus) => bus.subscribe(session).await?,
+        };
+        Ok(match since {
+            None => live,
+            // Looked up only now that the session is bound: nothing can fall between the two.
+            Some(since) => {
+                let history = self.history();
+                history.wait_for_recent(since, Duration::from_secs(2)).await;
+                let mut start = history.start_after(since);
+                let mut older = Vec::new();
+                if let (Self::Rabbit(bus), Some(_)) = (self, start.gap) {
+                    // Older than the window: RabbitMQ may still have it in the stream.
+                    (older, start) = bus.replay_before_window(since, start).await;
+                }
+                Subscription::Resume(Box::new(history.resume(start, older, live)))
+            }
+        })
+    }
+
+    /// The window of recent messages.
+    pub fn history(&self) -> &History {
         match self {
-            Self::Memory(bus) => Ok(Subscription::Memory(bus.subscribe())),
-            Self::Rabbit(bus) => bus.subscribe(session).await,
+            Self::Memory(bus) => bus.history(),
+            Self::Rabbit(bus) => bus.history(),
+        }
+    }
+
+    /// Up to `limit` messages before the message `before` (or the newest), oldest first, and
+    /// whether older ones may exist. Older than the window, RabbitMQ reads them from the history
+    /// stream.
+    pub async fn history_page(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<(Vec<Frame>, bool), BusError> {
+        match self {
+            Self::Memory(bus) => Ok(match bus.history().page(limit, before) {
+                Some(page) => (page.entries.into_iter().map(|e| e.frame).collect(), page.more_in_window),
+                None => (Vec::new(), false),
+            }),
+            Self::Rabbit(bus) => bus.history_page(limit, before).await,
         }
     }
 
@@ -147,6 +217,8 @@ pub enum Subscription {
     Memory(memory::MemorySubscription),
     /// Boxed: it is ten times the size of the other, and one is made per session.
     Rabbit(Box<rabbit::RabbitSubscription>),
+    /// Replays history, then continues live (see [`history`]).
+    Resume(Box<history::Resume>),
 }
 
 impl Subscription {
@@ -156,6 +228,7 @@ impl Subscription {
         match self {
             Self::Memory(sub) => sub.next().await,
             Self::Rabbit(sub) => sub.next().await,
+            Self::Resume(sub) => Box::pin(sub.next()).await,
         }
     }
 }

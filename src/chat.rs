@@ -43,11 +43,15 @@ impl Envelope {
     /// An envelope (ours, or another service's that follows the contract) is returned as it
     /// came. Anything else, plain text or JSON of another shape, becomes the `text` of a new
     /// envelope, so other services can notify browsers without knowing our format.
+    ///
+    /// The id of a wrapped message is its `message_id`; without one it is derived from the
+    /// body and properties, so every replica (and the history stream's reader) gives the same
+    /// message the same id.
     pub fn from_delivery(body: &[u8], foreign: ForeignProperties<'_>) -> Decoded {
         if let Ok(envelope) = serde_json::from_slice::<Envelope>(body)
             && envelope.is_well_formed()
         {
-            return Decoded::Envelope;
+            return Decoded::Envelope(envelope);
         }
         let now = OffsetDateTime::now_utc();
         let ts = foreign
@@ -61,7 +65,7 @@ impl Envelope {
             id: foreign
                 .message_id
                 .filter(|id| !id.trim().is_empty())
-                .map_or_else(|| ulid::Ulid::new().to_string(), str::to_owned),
+                .map_or_else(|| derived_id(ts, body, foreign).to_string(), str::to_owned),
             text: String::from_utf8_lossy(body).into_owned(),
             user: foreign.app_id.filter(|a| !a.trim().is_empty()).map(str::to_owned),
             ts: rfc3339_millis(ts),
@@ -71,6 +75,26 @@ impl Envelope {
     fn is_well_formed(&self) -> bool {
         !self.id.is_empty() && OffsetDateTime::parse(&self.ts, &Rfc3339).is_ok()
     }
+
+    /// `ts` in milliseconds since the epoch (0 if it does not parse, which a well-formed
+    /// envelope's always does).
+    pub fn ts_millis(&self) -> i64 {
+        OffsetDateTime::parse(&self.ts, &Rfc3339)
+            .map_or(0, |t| i64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+    }
+}
+
+/// A ULID for a foreign message without `message_id`: its time, and 80 bits of a hash of what
+/// the message is, so every reader of the same delivery derives the same id.
+fn derived_id(ts: OffsetDateTime, body: &[u8], foreign: ForeignProperties<'_>) -> ulid::Ulid {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (body, foreign.timestamp, foreign.app_id).hash(&mut hasher);
+    let high = hasher.finish();
+    high.hash(&mut hasher);
+    let low = hasher.finish() & 0xffff;
+    let millis = u64::try_from(ts.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+    ulid::Ulid::from_parts(millis, (u128::from(high) << 16) | u128::from(low))
 }
 
 /// What the AMQP properties of a foreign message contribute to its envelope.
@@ -88,7 +112,7 @@ pub struct ForeignProperties<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Decoded {
     /// The body is an envelope already: forward it byte for byte.
-    Envelope,
+    Envelope(Envelope),
     /// The body was something else, now wrapped in this envelope.
     Wrapped(Envelope),
 }
@@ -102,6 +126,13 @@ fn next_id() -> String {
     // The generator fails only after 2^80 ids in one millisecond, or if a thread panicked
     // while holding the lock; a random ULID is then the best we can do.
     generated.unwrap_or_else(|()| ulid::Ulid::new()).to_string()
+}
+
+/// Milliseconds since the epoch as an envelope's `ts`.
+pub fn ts_from_millis(millis: i64) -> String {
+    let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)
+        .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    rfc3339_millis(t)
 }
 
 fn rfc3339_millis(t: OffsetDateTime) -> String {
@@ -215,7 +246,7 @@ mod tests {
     fn an_envelope_from_the_exchange_is_forwarded_as_is() {
         let e = Envelope::new(draft("x").validate(10).unwrap());
         let decoded = Envelope::from_delivery(e.to_json().as_bytes(), ForeignProperties::default());
-        assert_eq!(decoded, Decoded::Envelope);
+        assert_eq!(decoded, Decoded::Envelope(e));
     }
 
     #[test]
@@ -236,7 +267,15 @@ mod tests {
             panic!("foreign JSON must be wrapped")
         };
         assert_eq!(e.text.as_bytes(), body);
-        assert_eq!(e.id.len(), 26, "a fresh ULID when there is no message_id");
+        assert_eq!(e.id.len(), 26, "a ULID when there is no message_id");
+        let Decoded::Wrapped(again) = Envelope::from_delivery(body, ForeignProperties::default()) else {
+            panic!("foreign JSON must be wrapped")
+        };
+        assert_eq!(again.id, e.id, "the same delivery read twice gets the same id");
+        let props = ForeignProperties { timestamp: Some(1_800_000_000), ..Default::default() };
+        let Decoded::Wrapped(stamped) = Envelope::from_delivery(b"other", props) else { panic!() };
+        assert_ne!(stamped.id, e.id, "different messages get different ids");
+        assert_eq!(ulid::Ulid::from_string(&stamped.id).unwrap().timestamp_ms(), 1_800_000_000_000);
     }
 
     #[test]

@@ -38,6 +38,10 @@ pub struct Config {
     /// not-ready, still serving its open sessions, before it closes them with 1001. Give it the
     /// time a load balancer takes to stop sending new connections (a few seconds on Kubernetes).
     pub drain: Duration,
+    /// `NOTIFIER_HISTORY_WINDOW` (default `1000`): recent messages each process keeps in memory
+    /// for `GET /messages` and for sessions that resume with `?since=`; `0` turns history off
+    /// (and, on RabbitMQ, the history stream with it).
+    pub history_window: usize,
     /// Rate and session limits.
     pub limits: LimitsConfig,
     /// `HOSTNAME` (the pod name on Kubernetes): names this replica in queue names and logs.
@@ -101,6 +105,22 @@ pub struct RabbitConfig {
     pub reconnect_max: Duration,
     /// `NOTIFIER_FANOUT_MODE` (default `session`): where messages are copied to sessions.
     pub fanout: FanoutMode,
+    /// The durable history stream, bound to the exchange.
+    pub history: StreamConfig,
+}
+
+/// The history stream: a RabbitMQ stream (an append-only log) bound to the exchange, shared by
+/// every replica, kept across restarts of the app and of the broker.
+#[derive(Clone, Debug)]
+pub struct StreamConfig {
+    /// `NOTIFIER_HISTORY_STREAM` (default `<exchange>.history`): the stream's name.
+    pub name: String,
+    /// `NOTIFIER_HISTORY_MAX_AGE` (default `7D`): messages older than this are discarded
+    /// (`x-max-age`: a number and one of `Y`, `M`, `D`, `h`, `m`, `s`).
+    pub max_age: String,
+    /// `NOTIFIER_HISTORY_MAX_BYTES` (default `100000000`): the stream is truncated, oldest
+    /// segment first, past this size (`x-max-length-bytes`).
+    pub max_bytes: u64,
 }
 
 /// Where the copy per session is made.
@@ -182,6 +202,10 @@ struct Env {
     notifier_publish_timeout_ms: Option<String>,
     notifier_reconnect_max_secs: Option<String>,
     notifier_fanout_mode: Option<String>,
+    notifier_history_window: Option<String>,
+    notifier_history_stream: Option<String>,
+    notifier_history_max_age: Option<String>,
+    notifier_history_max_bytes: Option<String>,
     notifier_ws_ping_secs: Option<String>,
     notifier_ws_send_timeout_secs: Option<String>,
     notifier_ws_write_buffer_bytes: Option<String>,
@@ -268,14 +292,30 @@ impl Config {
         let env: Env = envy::from_iter(vars).map_err(|e| ConfigError(e.to_string()))?;
         // Every variable is checked, even those of the bus not in use: a typo in a deployment
         // should fail now, not when someone switches buses.
+        let exchange = exchange_name(env.notifier_exchange.unwrap_or_else(|| "chat".into()))?;
+        let history = StreamConfig {
+            name: queue_name(
+                "NOTIFIER_HISTORY_STREAM",
+                env.notifier_history_stream.unwrap_or_else(|| format!("{exchange}.history")),
+            )?,
+            max_age: max_age(env.notifier_history_max_age)?,
+            max_bytes: ranged(
+                "NOTIFIER_HISTORY_MAX_BYTES",
+                env.notifier_history_max_bytes,
+                100_000_000,
+                1_000_000,
+                1 << 50,
+            )?,
+        };
         let rabbit = RabbitConfig {
+            history,
             host: String::new(),
             port: port("NOTIFIER_RABBITMQ_PORT", env.notifier_rabbitmq_port, 5672)?,
             user: env.notifier_rabbitmq_user.unwrap_or_else(|| "guest".into()),
             password: Secret(env.notifier_rabbitmq_password.unwrap_or_else(|| "guest".into())),
             vhost: env.notifier_rabbitmq_vhost.unwrap_or_else(|| "/".into()),
             tls: boolean("NOTIFIER_RABBITMQ_TLS", env.notifier_rabbitmq_tls)?,
-            exchange: exchange_name(env.notifier_exchange.unwrap_or_else(|| "chat".into()))?,
+            exchange,
             queue_max_length: ranged(
                 "NOTIFIER_QUEUE_MAX_LENGTH",
                 env.notifier_queue_max_length,
@@ -392,6 +432,13 @@ impl Config {
                 "a whole number from 0 to 300",
                 |n| *n <= 300,
             )?),
+            history_window: ranged(
+                "NOTIFIER_HISTORY_WINDOW",
+                env.notifier_history_window,
+                1000,
+                0,
+                1_000_000,
+            )?,
             limits: LimitsConfig {
                 messages_per_client: ranged(
                     "NOTIFIER_MESSAGES_PER_CLIENT",
@@ -475,6 +522,33 @@ fn exchange_name(name: String) -> Result<String, ConfigError> {
         )));
     }
     Ok(name)
+}
+
+/// A queue name RabbitMQ accepts: 1 to 255 bytes, not starting with `amq.`.
+fn queue_name(variable: &str, name: String) -> Result<String, ConfigError> {
+    let name = name.trim().to_owned();
+    if name.is_empty() || name.len() > 255 || name.starts_with("amq.") {
+        return Err(ConfigError(format!(
+            "{variable}={name:?}: expected a name of 1 to 255 bytes not starting with \"amq.\""
+        )));
+    }
+    Ok(name)
+}
+
+/// A stream's `x-max-age`: a whole number and a unit, `Y`, `M`, `D`, `h`, `m` or `s`.
+fn max_age(raw: Option<String>) -> Result<String, ConfigError> {
+    let Some(raw) = raw else { return Ok("7D".into()) };
+    let age = raw.trim();
+    let (number, unit) = age.split_at(age.len().saturating_sub(1));
+    let valid = matches!(unit, "Y" | "M" | "D" | "h" | "m" | "s")
+        && number.parse::<u32>().is_ok_and(|n| n > 0)
+        && number.bytes().all(|b| b.is_ascii_digit());
+    if !valid {
+        return Err(ConfigError(format!(
+            "NOTIFIER_HISTORY_MAX_AGE={raw:?}: expected a whole number followed by Y, M, D, h, m or s (e.g. 7D)"
+        )));
+    }
+    Ok(age.to_owned())
 }
 
 /// The pod name on Kubernetes; a random suffix elsewhere, so two local processes differ.
@@ -570,6 +644,39 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("NOTIFIER_EXCHANGE"), "{err}");
+    }
+
+    #[test]
+    fn history_settings_are_read_and_checked() {
+        let cfg = parse(&[("NOTIFIER_RABBITMQ_HOST", "h"), ("NOTIFIER_EXCHANGE", "news")]).unwrap();
+        let stream = cfg.rabbitmq.unwrap().history;
+        assert_eq!((stream.name.as_str(), stream.max_age.as_str()), ("news.history", "7D"));
+        assert_eq!((cfg.history_window, stream.max_bytes), (1000, 100_000_000));
+        let cfg = parse(&[
+            ("NOTIFIER_RABBITMQ_HOST", "h"),
+            ("NOTIFIER_HISTORY_STREAM", "chat-log"),
+            ("NOTIFIER_HISTORY_MAX_AGE", "12h"),
+            ("NOTIFIER_HISTORY_MAX_BYTES", "5000000"),
+            ("NOTIFIER_HISTORY_WINDOW", "0"),
+        ])
+        .unwrap();
+        let stream = cfg.rabbitmq.unwrap().history;
+        assert_eq!(
+            (stream.name.as_str(), stream.max_age.as_str(), stream.max_bytes),
+            ("chat-log", "12h", 5_000_000)
+        );
+        assert_eq!(cfg.history_window, 0, "0 turns history off");
+        for (var, value) in [
+            ("NOTIFIER_HISTORY_MAX_AGE", "7"),
+            ("NOTIFIER_HISTORY_MAX_AGE", "-1D"),
+            ("NOTIFIER_HISTORY_MAX_AGE", "1W"),
+            ("NOTIFIER_HISTORY_MAX_BYTES", "10"),
+            ("NOTIFIER_HISTORY_STREAM", "amq.x"),
+            ("NOTIFIER_HISTORY_WINDOW", "many"),
+        ] {
+            let err = parse(&[(var, value)]).unwrap_err().to_string();
+            assert!(err.contains(var), "{var}={value}: {err}");
+        }
     }
 
     #[test]

@@ -37,7 +37,12 @@ pub fn router(state: AppState) -> Router {
         ));
     Router::new()
         .route("/", get(pages::index))
-        .route("/messages", post(messages::post_message).layer(DefaultBodyLimit::max(body_limit)))
+        .route(
+            "/messages",
+            post(messages::post_message)
+                .layer(DefaultBodyLimit::max(body_limit))
+                .get(messages::list_messages),
+        )
         .route("/ws", get(ws::upgrade))
         .route("/healthz", get(probes::healthz))
         .route("/readyz", get(probes::readyz))

@@ -12,7 +12,10 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 
 use tokio::sync::broadcast;
 
-use super::{BusError, Event, Frame};
+use super::{
+    BusError, Event, Frame,
+    history::{History, NewEntry},
+};
 use crate::{chat::Envelope, metrics::Metrics};
 
 /// What goes through the channel.
@@ -26,17 +29,35 @@ enum Item {
 #[derive(Clone)]
 pub struct MemoryBus {
     sender: broadcast::Sender<Item>,
+    /// As the embedded bus: the window every publish is appended to. (In `process` mode the
+    /// history stream fills the window instead.)
+    history: Option<(History, Arc<std::sync::Mutex<()>>)>,
     metrics: Arc<Metrics>,
 }
 
 impl MemoryBus {
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(capacity: usize, history: Option<History>, metrics: Arc<Metrics>) -> Self {
         let (sender, _) = broadcast::channel(capacity);
-        Self { sender, metrics }
+        Self { sender, history: history.map(|h| (h, Arc::default())), metrics }
     }
 
     pub fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
-        self.send_frame(Frame::from(envelope.to_json()));
+        let frame = Frame::from(envelope.to_json());
+        match &self.history {
+            Some((history, order)) => {
+                // One lock around both, so the window and the sessions see publishes in the
+                // same order.
+                let _order = order.lock().unwrap_or_else(|p| p.into_inner());
+                history.append(NewEntry {
+                    id: envelope.id.as_str().into(),
+                    ts_millis: envelope.ts_millis(),
+                    offset: None,
+                    frame: frame.clone(),
+                });
+                self.send_frame(frame);
+            }
+            None => self.send_frame(frame),
+        }
         Ok(())
     }
 
@@ -49,6 +70,12 @@ impl MemoryBus {
     /// Tells every session that delivery stopped, or that it is back.
     pub fn send_notice(&self, interrupted: Option<String>) {
         let _ = self.sender.send(interrupted.map_or(Item::Restored, Item::Interrupted));
+    }
+
+    /// The embedded bus's window (empty, with capacity 0, in `process` mode's local bus).
+    pub fn history(&self) -> &History {
+        static NONE: std::sync::LazyLock<History> = std::sync::LazyLock::new(|| History::new(0));
+        self.history.as_ref().map_or(&NONE, |(history, _)| history)
     }
 
     pub fn subscribe(&self) -> MemorySubscription {

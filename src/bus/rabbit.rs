@@ -39,7 +39,12 @@ use tokio::{
 };
 use tokio_util::sync::CancellationToken;
 
-use super::{Ack, BusError, Event, Frame, MemoryBus, Readiness, Subscription};
+mod stream;
+
+use super::{
+    Ack, BusError, Event, Frame, MemoryBus, Readiness, Subscription,
+    history::{self, History},
+};
 use crate::{
     chat::{Decoded, Envelope, ForeignProperties},
     config::{FanoutMode, RabbitConfig},
@@ -85,6 +90,13 @@ struct Shared {
     /// Every open session, by its first queue name: what its full queue dropped, and which
     /// link its queue is bound on.
     sessions: std::sync::Mutex<HashMap<String, Arc<SessionEntry>>>,
+    /// The window of recent messages, filled from the history stream (capacity 0: no stream).
+    history: History,
+    /// The stream offset the follower reads next; `None` before the first link.
+    stream_next: std::sync::Mutex<Option<u64>>,
+    /// The window has been filled from the stream up to its end at start-up: until then the
+    /// process is not ready.
+    history_filled: std::sync::atomic::AtomicBool,
 }
 
 /// What the bus knows of one open session.
@@ -147,13 +159,17 @@ impl RabbitBus {
         replica: String,
         max_frame_bytes: usize,
         session_buffer: usize,
+        history: History,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Self {
         let (sender, link) = watch::channel(LinkState::Down("connecting to the broker".into()));
-        let local =
-            (config.fanout == FanoutMode::Process).then(|| MemoryBus::new(session_buffer, metrics.clone()));
+        let local = (config.fanout == FanoutMode::Process)
+            .then(|| MemoryBus::new(session_buffer, None, metrics.clone()));
         let shared = Arc::new(Shared {
+            history_filled: std::sync::atomic::AtomicBool::new(history.capacity() == 0),
+            history,
+            stream_next: std::sync::Mutex::new(None),
             local,
             config,
             replica,
@@ -361,6 +377,96 @@ impl RabbitBus {
         }
     }
 
+    pub fn history(&self) -> &History {
+        &self.0.history
+    }
+
+    /// See [`super::Bus::history_page`]: the window first, the stream for what is older.
+    pub async fn history_page(
+        &self,
+        limit: usize,
+        before: Option<&str>,
+    ) -> Result<(Vec<Frame>, bool), BusError> {
+        let history = &self.0.history;
+        if history.capacity() == 0 {
+            return Ok((Vec::new(), false));
+        }
+        // Where the stream must be read from (exclusive end), and what the window gave.
+        let (newer, read_before) = match history.page(limit, before) {
+            Some(page) if page.entries.len() >= limit || page.more_in_window => {
+                let frames = page.entries.into_iter().map(|e| e.frame).collect();
+                return Ok((frames, true));
+            }
+            Some(page) => {
+                let oldest = page.entries.first().cloned().or_else(|| history.oldest());
+                let before = oldest.and_then(|e| e.offset);
+                (page.entries, before)
+            }
+            None => {
+                let Some(id) = before else { return Ok((Vec::new(), false)) };
+                let link = self.current_link()?;
+                let stream = &self.0.config.history.name;
+                let located = stream::locate(&link.connections[1], stream, self.0.max_frame_bytes, id)
+                    .await
+                    .map_err(BusError::Broker)?;
+                (Vec::new(), located)
+            }
+        };
+        let mut frames = Vec::with_capacity(limit);
+        let mut more = false;
+        if let Some(offset) = read_before {
+            let link = self.current_link()?;
+            let stream = &self.0.config.history.name;
+            let wanted = limit - newer.len();
+            let (older, older_more) =
+                stream::read_before(&link.connections[1], stream, self.0.max_frame_bytes, offset, wanted)
+                    .await
+                    .map_err(BusError::Broker)?;
+            more = older_more;
+            frames.extend(older.into_iter().map(|e| e.frame));
+        }
+        frames.extend(newer.into_iter().map(|e| e.frame));
+        Ok((frames, more))
+    }
+
+    /// For a session resuming after `since`, which is older than the window: the messages
+    /// after it up to the window, read from the stream (at most a window's worth: a browser
+    /// away for longer gets the newest part, and a gap notice), and where the window part
+    /// starts. The start as it was when the stream cannot help.
+    pub async fn replay_before_window(
+        &self,
+        since: &str,
+        start: history::Start,
+    ) -> (Vec<history::NewEntry>, history::Start) {
+        let history = &self.0.history;
+        let Some(window_start) = history.oldest().and_then(|e| e.offset) else { return (Vec::new(), start) };
+        let Ok(link) = self.current_link() else { return (Vec::new(), start) };
+        let stream = &self.0.config.history.name;
+        let max = self.0.max_frame_bytes;
+        let located = match stream::locate(&link.connections[1], stream, max, since).await {
+            Ok(Some(offset)) if offset < window_start => offset,
+            Ok(_) => return (Vec::new(), start),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the history stream for a resuming session");
+                return (Vec::new(), start);
+            }
+        };
+        let missed = window_start - located - 1;
+        let wanted = usize::try_from(missed).unwrap_or(usize::MAX).min(history.capacity());
+        match stream::read_before(&link.connections[1], stream, max, window_start, wanted).await {
+            Ok((older, _)) => {
+                let gap = (missed > wanted as u64).then_some(
+                    "more messages were missed than are replayed; replay starts with the most recent of them",
+                );
+                (older, history::Start { seq: start.seq, gap })
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the history stream for a resuming session");
+                (Vec::new(), start)
+            }
+        }
+    }
+
     pub async fn close(&self) {
         let handle = self.0.supervisor.lock().ok().and_then(|mut h| h.take());
         if let Some(handle) = handle {
@@ -446,12 +552,14 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
 const RESTORE_GRACE: Duration = Duration::from_secs(30);
 
 /// Allows publishing on `link` once every open session's queue is bound on it (at once after
-/// the first connect, when there are none), or after [`RESTORE_GRACE`].
+/// the first connect, when there are none) and, at start-up, the history window is filled, or
+/// after [`RESTORE_GRACE`].
 async fn open_when_sessions_are_bound(shared: Arc<Shared>, link: Arc<Link>) {
     let started = Instant::now();
     let behind = || {
         let sessions = shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        sessions.values().filter(|s| s.generation.load(Relaxed) < link.generation).count()
+        let filling = usize::from(!shared.history_filled.load(Relaxed));
+        sessions.values().filter(|s| s.generation.load(Relaxed) < link.generation).count() + filling
     };
     loop {
         let waiting = behind();
@@ -486,14 +594,43 @@ async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, Str
     for index in 0..=config.consumer_connections {
         let role = if index == 0 { "publish".to_owned() } else { format!("consume-{index}") };
         let name = format!("fanout-chat {} {role}", shared.replica);
-        let connection = tokio::time::timeout(CONNECT_TIMEOUT, open_connection(config, name))
-            .await
-            .map_err(|_| {
-                format!("no answer from {}:{} within {CONNECT_TIMEOUT:?}", config.host, config.port)
-            })?
-            .map_err(|e| describe(config, &e))?;
-        connections.push(connection);
+        let opened = match tokio::time::timeout(CONNECT_TIMEOUT, open_connection(config, name)).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(e)) => Err(describe(config, &e)),
+            Err(_) => {
+                Err(format!("no answer from {}:{} within {CONNECT_TIMEOUT:?}", config.host, config.port))
+            }
+        };
+        match opened {
+            Ok(connection) => connections.push(connection),
+            Err(reason) => {
+                close_connections(&connections).await;
+                return Err(reason);
+            }
+        }
     }
+    match declare(shared, &connections).await {
+        Ok(publisher) => Ok(Arc::new(Link {
+            generation,
+            ready: std::sync::atomic::AtomicBool::new(false),
+            publisher,
+            connections,
+            pool: Mutex::new(Vec::new()),
+            broken: Notify::new(),
+        })),
+        Err(reason) => {
+            // Closed, not dropped: a dropped lapin connection stays open, and would keep
+            // this replica's exclusive queues locked against the next attempt.
+            close_connections(&connections).await;
+            Err(reason)
+        }
+    }
+}
+
+/// Declares what a link needs on its fresh connections and starts its own consumers; returns
+/// the publishing channel.
+async fn declare(shared: &Arc<Shared>, connections: &[Connection]) -> Result<Channel, String> {
+    let config = &shared.config;
     declare_exchange(&connections[0], &config.exchange).await.map_err(|e| describe(config, &e))?;
     count_overflow(shared, &connections[1]).await.map_err(|e| describe(config, &e))?;
     if let Some(local) = &shared.local {
@@ -503,14 +640,18 @@ async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, Str
     }
     let publisher = connections[0].create_channel().await.map_err(|e| describe(config, &e))?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| describe(config, &e))?;
-    Ok(Arc::new(Link {
-        generation,
-        ready: std::sync::atomic::AtomicBool::new(false),
-        publisher,
-        connections,
-        pool: Mutex::new(Vec::new()),
-        broken: Notify::new(),
-    }))
+    if shared.history.capacity() > 0 {
+        stream::declare(&connections[0], &config.exchange, shared).await.map_err(|e| {
+            format!(
+                "{} (declaring the history stream {:?}: streams need RabbitMQ 3.9 or later; \
+                 NOTIFIER_HISTORY_WINDOW=0 runs without history)",
+                describe(config, &e),
+                config.history.name
+            )
+        })?;
+        stream::follow(shared, &connections[1], &publisher).await?;
+    }
+    Ok(publisher)
 }
 
 async fn open_connection(config: &RabbitConfig, name: String) -> Result<Connection, lapin::Error> {
@@ -733,7 +874,11 @@ async fn link_lost(link: &Link) -> String {
 }
 
 async fn close_link(link: &Link) {
-    let closing = link.connections.iter().filter(|c| c.status().connected()).map(|connection| async move {
+    close_connections(&link.connections).await;
+}
+
+async fn close_connections(connections: &[Connection]) {
+    let closing = connections.iter().filter(|c| c.status().connected()).map(|connection| async move {
         let _ =
             tokio::time::timeout(CLOSE_TIMEOUT, connection.close(200, "fanout-chat closing".into())).await;
     });
@@ -897,17 +1042,24 @@ async fn restore(
 /// The WebSocket frame for one delivery: the body itself when it is an envelope, else the
 /// body wrapped in a new envelope (see [`Envelope::from_delivery`]).
 fn frame(body: Vec<u8>, p: &BasicProperties) -> Frame {
+    decode(body, p).0
+}
+
+/// The frame for one delivery, and the envelope it carries.
+fn decode(body: Vec<u8>, p: &BasicProperties) -> (Frame, Envelope) {
     let foreign = ForeignProperties {
         message_id: p.message_id().as_ref().map(|s| s.as_str()),
         timestamp: *p.timestamp(),
         app_id: p.app_id().as_ref().map(|s| s.as_str()),
     };
+    // The same for the copy in a session's queue and the copy in the history stream.
+    let key = history::key_of((&body, foreign.message_id, foreign.timestamp, foreign.app_id));
     match Envelope::from_delivery(&body, foreign) {
         // An envelope parsed from JSON is valid UTF-8, so this is a check, not a copy.
-        Decoded::Envelope => match String::from_utf8(body) {
-            Ok(json) => Frame::from(json),
-            Err(e) => Frame::from(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        Decoded::Envelope(envelope) => match String::from_utf8(body) {
+            Ok(json) => (Frame::new(json, key), envelope),
+            Err(e) => (Frame::new(String::from_utf8_lossy(e.as_bytes()).into_owned(), key), envelope),
         },
-        Decoded::Wrapped(envelope) => Frame::from(envelope.to_json()),
+        Decoded::Wrapped(envelope) => (Frame::new(envelope.to_json(), key), envelope),
     }
 }

@@ -1,12 +1,15 @@
 //! `POST /messages`: validate, publish, answer with the envelope. Delivery is the bus's job.
+//! `GET /messages`: recent history, newest last, a page at a time.
 
 use axum::{
     Json,
     body::Bytes,
-    extract::{State, rejection::BytesRejection},
-    http::{HeaderMap, StatusCode, header},
+    extract::{Query, State, rejection::BytesRejection, rejection::QueryRejection},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
 };
 use percent_encoding::percent_decode;
+use serde::Deserialize;
 
 use super::{client::ClientIp, error::AppError};
 use crate::{
@@ -32,6 +35,49 @@ pub async fn post_message(
     let envelope = Envelope::new(draft.validate(state.config.max_message_bytes)?);
     state.publish(&envelope).await?;
     Ok((StatusCode::ACCEPTED, Json(envelope)))
+}
+
+/// Default and largest page of `GET /messages`.
+const DEFAULT_PAGE: usize = 50;
+const MAX_PAGE: usize = 500;
+
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    limit: Option<String>,
+    before: Option<String>,
+}
+
+/// `GET /messages?limit=N&before=<id>`: `{"messages": [envelope, ...], "has_more": bool}`,
+/// oldest first, ending with the newest message (or the one just before `before`).
+pub async fn list_messages(
+    State(state): State<AppState>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Result<Response, AppError> {
+    let Query(query) = query.map_err(|r| AppError::BadRequest(r.body_text()))?;
+    let limit = match query.limit.as_deref() {
+        None | Some("") => DEFAULT_PAGE,
+        Some(raw) => raw.parse().ok().filter(|n| (1..=MAX_PAGE).contains(n)).ok_or_else(|| {
+            AppError::BadRequest(format!("limit must be a whole number from 1 to {MAX_PAGE}, not {raw:?}"))
+        })?,
+    };
+    let before = query.before.filter(|b| !b.is_empty());
+    let (frames, has_more) = state.bus.history_page(limit, before.as_deref()).await?;
+    // The frames are envelope JSON already: the page is put together, not re-encoded.
+    let mut body = String::with_capacity(frames.iter().map(|f| f.text().len() + 1).sum::<usize>() + 40);
+    body.push_str("{\"messages\":[");
+    for (i, frame) in frames.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(frame.text());
+    }
+    body.push_str("],\"has_more\":");
+    body.push_str(if has_more { "true" } else { "false" });
+    body.push('}');
+    let mut response = body.into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
 }
 
 /// Reads a draft from JSON or from a form, by content type.

@@ -29,5 +29,12 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
 
 /// `GET /metrics`: Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
+    let mut text = state.metrics.render();
+    let name = "fanout_chat_history_window_messages";
+    text.push_str(&format!(
+        "# HELP {name} recent messages held in memory for history and resuming sessions\n\
+         # TYPE {name} gauge\n{name} {}\n",
+        state.bus.history().held()
+    ));
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }

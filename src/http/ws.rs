@@ -13,11 +13,13 @@ use std::{
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::{
     extract::{
-        State,
+        Query, State,
+        rejection::QueryRejection,
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code},
     },
     response::Response,
 };
+use serde::Deserialize;
 use serde_json::json;
 use tracing::Instrument;
 
@@ -25,22 +27,38 @@ use super::{client::ClientIp, error::AppError};
 use crate::{
     app::AppState,
     bus::{Event, Subscription},
-    chat::{Draft, Envelope},
+    chat::{Draft, Envelope, ts_from_millis},
     limits::SessionPermit,
 };
+
+/// `GET /ws?since=<id>`: the id of the last message this browser showed, to get what it
+/// missed first.
+#[derive(Debug, Deserialize)]
+pub struct Resume {
+    since: Option<String>,
+}
+
+/// Longest `since` accepted: ids are ULIDs (26 characters) or another service's `message_id`.
+const MAX_SINCE_BYTES: usize = 256;
 
 pub async fn upgrade(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
+    resume: Result<Query<Resume>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
     let upgrade = upgrade.map_err(|r| AppError::Rejected(r.status(), r.body_text()))?;
+    let Query(resume) = resume.map_err(|r| AppError::BadRequest(r.body_text()))?;
+    let since = resume.since.filter(|s| !s.is_empty());
+    if since.as_ref().is_some_and(|s| s.len() > MAX_SINCE_BYTES) {
+        return Err(AppError::BadRequest(format!("since is longer than {MAX_SINCE_BYTES} bytes")));
+    }
     if state.is_draining() {
         return Err(AppError::ShuttingDown);
     }
     let permit = state.limits.admit_session(client)?;
     let session = ulid::Ulid::new().to_string();
-    let subscription = state.bus.subscribe(&session).await?;
+    let subscription = state.bus.subscribe(&session, since.as_deref()).await?;
     let frame_limit = state.config.max_frame_bytes();
     let span = tracing::info_span!("session", id = %session, replica = %state.config.replica);
     let sessions = state.sessions.clone();
@@ -160,6 +178,16 @@ impl Session {
                 self.send_json(json!({ "type": "interrupted", "reason": reason })).await
             }
             Event::Restored => self.send_json(json!({ "type": "restored" })).await,
+            Event::Duplicate(ack) => {
+                if let Some(ack) = ack {
+                    ack.send().await;
+                }
+                Ok(())
+            }
+            Event::ReplayGap { reason, replay_from } => {
+                let from = replay_from.map(|(id, millis)| json!({ "id": id, "ts": ts_from_millis(millis) }));
+                self.send_json(json!({ "type": "gap", "reason": reason, "replay_from": from })).await
+            }
         }
     }
 

@@ -18,8 +18,8 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::{
     chaos::ChaosProxy,
     helpers::{
-        AMQP_HOST, AMQP_PORT, BusKind, TestApp, WAIT, WsClient, broker_line, spawn_app_with, test_config,
-        wait_for_queue, within,
+        AMQP_HOST, AMQP_PORT, BusKind, TestApp, WAIT, WsClient, broker_line, metric, spawn_app_with,
+        test_config, wait_for_queue, within,
     },
 };
 
@@ -44,19 +44,6 @@ fn proxied_config(proxy: &ChaosProxy) -> Config {
     rabbit.publish_timeout = PUBLISH_TIMEOUT;
     rabbit.reconnect_max = RECONNECT_MAX;
     config
-}
-
-/// One figure from `/metrics`.
-async fn metric(app: &TestApp, name: &str) -> f64 {
-    let text = within("GET /metrics", async {
-        app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap()
-    })
-    .await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
-        .parse()
-        .unwrap()
 }
 
 /// Polls `/readyz` until it answers `status`, for at most `bound`; returns the body.
@@ -598,8 +585,13 @@ async fn restarting_the_broker_interrupts_and_restores_sessions_that_stay_connec
     rabbit.reconnect_max = RECONNECT_MAX;
     rabbit.publish_timeout = PUBLISH_TIMEOUT;
     let exchange = rabbit.exchange.clone();
+    let stream = rabbit.history.name.clone();
     let app = spawn_app_with(config).await;
     let mut sessions = vec![app.connect().await, app.connect().await];
+    let mut posted = vec![app.post_text("before the restarts").await];
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, posted[0]);
+    }
 
     let mut guard = RestartOnDrop { node: &node, stopped: false };
     for round in 1..=2 {
@@ -623,6 +615,7 @@ async fn restarting_the_broker_interrupts_and_restores_sessions_that_stay_connec
         for session in &mut sessions {
             assert_eq!(session.next_message().await, message, "round {round}");
         }
+        posted.push(message);
         let listing = rabbitmqctl_on(&node, &["--no-table-headers", "list_consumers", "queue_name"]).await;
         for session in &sessions {
             let queue = format!("{}.{round}", session.queue());
@@ -630,6 +623,12 @@ async fn restarting_the_broker_interrupts_and_restores_sessions_that_stay_connec
         }
         eprintln!("round {round}: broker restarted and sessions restored in {:?}", stopped.elapsed());
     }
+    // The history stream is on disk: it outlived both restarts, and resuming reads from it.
+    let history = app.history("").await;
+    assert_eq!(history["messages"].as_array().unwrap(), &posted, "history kept across broker restarts");
+    let mut resumed = app.connect_since(posted[0]["id"].as_str().unwrap()).await;
+    assert_eq!(resumed.next_message().await, posted[1]);
+    assert_eq!(resumed.next_message().await, posted[2]);
     assert_eq!(metric(&app, "fanout_chat_broker_reconnects_total").await, 2.0);
     assert_eq!(metric(&app, "fanout_chat_session_resubscribes_total").await, 2.0 * sessions.len() as f64);
     app.stop().await;
@@ -645,6 +644,7 @@ async fn restarting_the_broker_interrupts_and_restores_sessions_that_stay_connec
     .unwrap();
     let channel = connection.create_channel().await.unwrap();
     channel.exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()).await.unwrap();
+    channel.queue_delete(stream.as_str().into(), Default::default()).await.unwrap();
     let _ = connection.close(200, "done".into()).await;
 }
 

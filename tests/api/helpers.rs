@@ -162,29 +162,58 @@ impl TestApp {
     }
 
     /// Stops the app the way SIGTERM does and checks it shut down cleanly; removes the
-    /// test's exchange.
-    pub async fn stop(mut self) {
+    /// test's exchange and history stream.
+    pub async fn stop(self) {
+        let rabbit = self.config.rabbitmq.clone();
+        self.stop_keeping_broker_state().await;
+        if let Some(rabbit) = rabbit {
+            delete_exchange_and_history(&rabbit.exchange, &rabbit.history.name).await;
+        }
+    }
+
+    /// Stops the app as [`TestApp::stop`] does, leaving its exchange and history stream for
+    /// the next app on them.
+    pub async fn stop_keeping_broker_state(mut self) {
         self.signal_stop();
         if let Some(server) = self.server.take() {
             within("the app to shut down", server).await.expect("the server task").expect("a clean shutdown");
         }
-        if let Some(rabbit) = &self.config.rabbitmq {
-            let service = service().await;
-            let _ = service
-                .channel
-                .exchange_delete(rabbit.exchange.as_str().into(), ExchangeDeleteOptions::default())
-                .await;
-        }
+    }
+
+    /// `GET /messages` with this query string, answered 200: the page as JSON.
+    pub async fn history(&self, query: &str) -> Value {
+        let response = within("GET /messages", self.http.get(self.url(&format!("/messages{query}"))).send())
+            .await
+            .expect("GET /messages");
+        assert_eq!(response.status(), 200, "GET /messages{query}");
+        response.json().await.expect("a page of history")
+    }
+
+    /// Opens a session that resumes after the message `since`.
+    pub async fn connect_since(&self, since: &str) -> WsClient {
+        connect_path(self.addr, &format!("/ws?since={since}")).await
     }
 }
 
 /// Opens a WebSocket session on the app at `addr` and waits for its welcome frame.
 pub async fn connect_to(addr: impl std::fmt::Display) -> WsClient {
+    connect_path(addr, "/ws").await
+}
+
+/// Opens a WebSocket session at `path` (with its query) and waits for its welcome frame.
+pub async fn connect_path(addr: impl std::fmt::Display, path: &str) -> WsClient {
     let (stream, _) =
-        within("the WebSocket handshake", tokio_tungstenite::connect_async(format!("ws://{addr}/ws")))
+        within("the WebSocket handshake", tokio_tungstenite::connect_async(format!("ws://{addr}{path}")))
             .await
             .expect("a WebSocket session");
     welcomed(stream).await
+}
+
+/// Removes a test's exchange and history stream from the main broker.
+pub async fn delete_exchange_and_history(exchange: &str, stream: &str) {
+    let service = service().await;
+    let _ = service.channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await;
+    let _ = service.channel.queue_delete(stream.into(), Default::default()).await;
 }
 
 /// As [`connect_to`], from a given loopback address (a second "client").
@@ -364,4 +393,17 @@ pub async fn broker_line(args: &[&str], prefix: &str) -> String {
         }
     })
     .await
+}
+
+/// One figure from `/metrics`.
+pub async fn metric(app: &TestApp, name: &str) -> f64 {
+    let text = within("GET /metrics", async {
+        app.http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    })
+    .await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("{name} missing from /metrics:\n{text}"))
+        .parse()
+        .unwrap()
 }

@@ -8,6 +8,7 @@ mod capacity;
 mod chaos;
 mod faults;
 mod helpers;
+mod history;
 mod interop;
 mod limits;
 mod messages;

@@ -117,7 +117,7 @@ async fn unknown_routes_and_methods_get_json_errors() {
     for (method, path, status) in [
         (reqwest::Method::GET, "/nope", 404),
         (reqwest::Method::GET, "/static/nope.js", 404),
-        (reqwest::Method::GET, "/messages", 405),
+        (reqwest::Method::PUT, "/messages", 405),
         (reqwest::Method::DELETE, "/healthz", 405),
         (reqwest::Method::GET, "/ws", 400),
     ] {

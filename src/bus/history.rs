@@ -1,0 +1,473 @@
+//! Recent history: a bounded window of the latest messages, and the resuming subscription that
+//! replays from it.
+//!
+//! On RabbitMQ every replica fills its window by following the history stream (see
+//! `rabbit/stream.rs`), so all replicas hold the same messages in the same order, the stream's.
+//! The embedded bus appends what it publishes. Each entry has a sequence number local to this
+//! process; sessions read the window by sequence number.
+//!
+//! # The hand-over from replay to live delivery
+//!
+//! A session that asks for what it missed (`GET /ws?since=<id>`) has its own live subscription
+//! (its queue) bound *before* the replay starts, and reads two sources:
+//!
+//! 1. the window, from the entry after `since`, up to its end and on as it grows; then
+//! 2. its own queue, once the window has caught up with it.
+//!
+//! The window has every message; the queue has those published after it was bound. The first
+//! message the queue yields is held back until it shows up in the window (the window's reader
+//! may lag the queue by a few milliseconds): everything before it in the window has been sent
+//! by then, so the session switches to its queue there, skipping the queue's copies of what the
+//! window already sent. No gap (the window has everything up to the switch; the queue everything
+//! after it) and no duplicate (copies are recognised by [`Frame::key`]).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::{Hash, Hasher},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use tokio::sync::watch;
+
+use super::{Ack, Event, Frame, Subscription};
+
+/// How long a session's first live message may wait for the window to catch up with it. Past
+/// this (a stalled stream reader) the session takes its queue as it is: nothing is lost, at
+/// worst a message arrives twice.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// An id this young may not have reached the window yet; see [`History::wait_for_recent`].
+const RECENT: Duration = Duration::from_secs(10);
+
+/// A hash that identifies a message's content; see [`Frame::key`].
+pub fn key_of(value: impl Hash) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// One message in the window.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// Position in this process's window: consecutive, never reused.
+    pub seq: u64,
+    /// The envelope's id.
+    pub id: Arc<str>,
+    /// The envelope's `ts`, in milliseconds since the epoch.
+    pub ts_millis: i64,
+    /// Offset in the history stream, on RabbitMQ.
+    pub offset: Option<u64>,
+    pub frame: Frame,
+}
+
+/// A message about to enter the window.
+#[derive(Clone, Debug)]
+pub struct NewEntry {
+    pub id: Arc<str>,
+    pub ts_millis: i64,
+    pub offset: Option<u64>,
+    pub frame: Frame,
+}
+
+/// The window of recent messages of this process. Cheap to clone.
+#[derive(Clone)]
+pub struct History(Arc<Inner>);
+
+struct Inner {
+    capacity: usize,
+    window: Mutex<Window>,
+    /// The sequence number the next entry will get: sessions wait on it for new entries.
+    next_seq: watch::Sender<u64>,
+}
+
+#[derive(Default)]
+struct Window {
+    entries: VecDeque<Entry>,
+    /// Sequence number of `entries[0]` (or of the next entry, when empty).
+    first_seq: u64,
+    by_id: HashMap<Arc<str>, u64>,
+    by_key: HashMap<u64, u64>,
+    /// By the random part of ids that are ULIDs. A foreign message with neither `message_id`
+    /// nor `timestamp` gets an id whose time is when a reader read it, which differs between
+    /// readers, but whose random part is derived from the message (see
+    /// `chat::Envelope::from_delivery`): a session can resume after it by that part.
+    by_random: HashMap<u128, u64>,
+}
+
+fn random_part(id: &str) -> Option<u128> {
+    ulid::Ulid::from_string(id).ok().map(|u| u.random())
+}
+
+/// Where a resuming session starts, and whether something it asked for is gone.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Start {
+    /// The first sequence number to send.
+    pub seq: u64,
+    /// Set when the session cannot get everything after its `since`: why not.
+    pub gap: Option<&'static str>,
+}
+
+/// A page of history, oldest first.
+pub struct Page {
+    pub entries: Vec<Entry>,
+    /// Older messages than these may exist in the window.
+    pub more_in_window: bool,
+}
+
+impl History {
+    /// A window of at most `capacity` messages; `0` keeps none (history off).
+    pub fn new(capacity: usize) -> Self {
+        let (next_seq, _) = watch::channel(0);
+        Self(Arc::new(Inner { capacity, window: Mutex::new(Window::default()), next_seq }))
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.0.capacity
+    }
+
+    /// Messages in the window now.
+    pub fn held(&self) -> usize {
+        self.window().entries.len()
+    }
+
+    fn window(&self) -> std::sync::MutexGuard<'_, Window> {
+        // The window is consistent after every statement that can panic (none do while it is
+        // held), so a poisoned lock still holds a usable window.
+        self.0.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds a message at the end, dropping the oldest past the capacity.
+    pub fn append(&self, new: NewEntry) {
+        if self.0.capacity == 0 {
+            return;
+        }
+        let mut window = self.window();
+        let seq = window.first_seq + window.entries.len() as u64;
+        window.by_id.insert(new.id.clone(), seq);
+        window.by_key.insert(new.frame.key(), seq);
+        if let Some(random) = random_part(&new.id) {
+            window.by_random.insert(random, seq);
+        }
+        window.entries.push_back(Entry {
+            seq,
+            id: new.id,
+            ts_millis: new.ts_millis,
+            offset: new.offset,
+            frame: new.frame,
+        });
+        while window.entries.len() > self.0.capacity {
+            if let Some(old) = window.entries.pop_front() {
+                window.first_seq += 1;
+                // Only if the maps still point at this entry (an id or key seen again points
+                // at the newer one).
+                if window.by_id.get(&old.id) == Some(&old.seq) {
+                    window.by_id.remove(&old.id);
+                }
+                if window.by_key.get(&old.frame.key()) == Some(&old.seq) {
+                    window.by_key.remove(&old.frame.key());
+                }
+                if let Some(random) = random_part(&old.id)
+                    && window.by_random.get(&random) == Some(&old.seq)
+                {
+                    window.by_random.remove(&random);
+                }
+            }
+        }
+        drop(window);
+        self.0.next_seq.send_replace(seq + 1);
+    }
+
+    /// The entry at `seq`: `Ok(None)` when it is not there yet, `Err(first)` when it already
+    /// left the window, whose oldest entry is now `first`.
+    fn get(&self, seq: u64) -> Result<Option<Entry>, u64> {
+        let window = self.window();
+        if seq < window.first_seq {
+            return Err(window.first_seq);
+        }
+        Ok(usize::try_from(seq - window.first_seq).ok().and_then(|i| window.entries.get(i)).cloned())
+    }
+
+    /// The window position of the message with this key, if it is in the window.
+    fn seq_of_key(&self, key: u64) -> Option<u64> {
+        self.window().by_key.get(&key).copied()
+    }
+
+    /// The newest entries, or those before `before` (an id), oldest first.
+    /// `None`: `before` is not in the window.
+    pub fn page(&self, limit: usize, before: Option<&str>) -> Option<Page> {
+        let window = self.window();
+        let end = match before {
+            None => window.entries.len(),
+            Some(id) => {
+                let seq = *window.by_id.get(id)?;
+                usize::try_from(seq - window.first_seq).ok()?
+            }
+        };
+        let start = end.saturating_sub(limit);
+        Some(Page { entries: window.entries.range(start..end).cloned().collect(), more_in_window: start > 0 })
+    }
+
+    /// The oldest entry in the window.
+    pub fn oldest(&self) -> Option<Entry> {
+        self.window().entries.front().cloned()
+    }
+
+    /// Waits (at most `bound`) for a message the session saw moments ago to reach the window:
+    /// the window's reader may lag the session's queue by a few milliseconds. Returns at once
+    /// for an id that is in the window, or that is not from the last few seconds.
+    pub async fn wait_for_recent(&self, since: &str, bound: Duration) {
+        let Ok(ulid) = ulid::Ulid::from_string(since) else { return };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        if ulid.timestamp_ms().saturating_add(RECENT.as_millis() as u64) < now || self.0.capacity == 0 {
+            return;
+        }
+        let mut changes = self.0.next_seq.subscribe();
+        let _ = tokio::time::timeout(bound, async {
+            loop {
+                changes.borrow_and_update();
+                {
+                    let window = self.window();
+                    if window.by_id.contains_key(since) || window.by_random.contains_key(&ulid.random()) {
+                        return;
+                    }
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Where a session that last saw `since` starts.
+    ///
+    /// - `since` is in the window: the entry after it.
+    /// - `since` is a ULID (every id this app makes is one) from within the window's time span
+    ///   but not in it (a foreign message that another replica named differently): the first
+    ///   entry newer than its time.
+    /// - Otherwise (older than the window, or unknown): the oldest entry, with a gap.
+    pub fn start_after(&self, since: &str) -> Start {
+        let window = self.window();
+        let next = window.first_seq + window.entries.len() as u64;
+        if self.0.capacity == 0 {
+            return Start { seq: next, gap: Some("history is turned off on this server") };
+        }
+        if let Some(&seq) =
+            window.by_id.get(since).or_else(|| random_part(since).and_then(|r| window.by_random.get(&r)))
+        {
+            return Start { seq: seq + 1, gap: None };
+        }
+        let older =
+            "the last message seen is older than the history kept; replay starts at the oldest message kept";
+        let Some(oldest) = window.entries.front() else {
+            return Start { seq: next, gap: Some("the last message seen is not in the history") };
+        };
+        match ulid::Ulid::from_string(since).map(|u| i64::try_from(u.timestamp_ms()).unwrap_or(i64::MAX)) {
+            Ok(millis) if millis >= oldest.ts_millis => {
+                let seq = window.entries.iter().find(|e| e.ts_millis > millis).map_or(next, |e| e.seq);
+                Start { seq, gap: None }
+            }
+            Ok(_) => Start { seq: window.first_seq, gap: Some(older) },
+            Err(_) => Start {
+                seq: window.first_seq,
+                gap: Some(
+                    "the last message seen is not in the history; replay starts at the oldest message kept",
+                ),
+            },
+        }
+    }
+
+    /// A subscription that first replays `older` (messages from before the window, read from
+    /// the history stream), then the window from `start`, then hands over to `live` (see the
+    /// module docs).
+    pub fn resume(&self, start: Start, older: Vec<NewEntry>, live: Subscription) -> Resume {
+        let notice = start.gap.map(|reason| {
+            let from = older
+                .first()
+                .map(|e| (e.id.to_string(), e.ts_millis))
+                .or_else(|| self.get(start.seq).ok().flatten().map(|e| (e.id.to_string(), e.ts_millis)));
+            Event::ReplayGap { reason, replay_from: from }
+        });
+        Resume {
+            history: self.clone(),
+            changes: self.0.next_seq.subscribe(),
+            older: older.into_iter().map(|e| e.frame).collect(),
+            cursor: start.seq,
+            live,
+            phase: Phase::Replay { pending: None },
+            notice,
+        }
+    }
+}
+
+/// A resuming session's subscription; see the module docs.
+pub struct Resume {
+    history: History,
+    changes: watch::Receiver<u64>,
+    /// Sent before the window: what the session missed from before the window.
+    older: VecDeque<Frame>,
+    /// The next window entry to send.
+    cursor: u64,
+    live: Subscription,
+    phase: Phase,
+    /// Sent first: why some of what the session asked for cannot be replayed.
+    notice: Option<Event>,
+}
+
+enum Phase {
+    /// Sending from the window; the queue's first message waits in `pending`.
+    Replay { pending: Option<Pending> },
+    /// Live from the queue, skipping the copies of what the window sent (window positions
+    /// below `until`).
+    Skip { until: u64 },
+    /// Live from the queue only.
+    Live,
+}
+
+struct Pending {
+    frame: Frame,
+    ack: Option<Ack>,
+    since: tokio::time::Instant,
+}
+
+impl Resume {
+    /// The next event; cancel-safe, as [`Subscription::next`] is.
+    pub async fn next(&mut self) -> Option<Event> {
+        if let Some(notice) = self.notice.take() {
+            return Some(notice);
+        }
+        if let Some(frame) = self.older.pop_front() {
+            return Some(Event::Message(frame, None));
+        }
+        loop {
+            match &mut self.phase {
+                Phase::Live => return self.live.next().await,
+                Phase::Skip { until } => {
+                    let until = *until;
+                    let event = self.live.next().await?;
+                    let Event::Message(frame, ack) = event else { return Some(event) };
+                    match self.history.seq_of_key(frame.key()) {
+                        Some(seq) if seq < until => return Some(Event::Duplicate(ack)),
+                        _ => {
+                            // The queue is past what the window sent: the rest is live only.
+                            self.phase = Phase::Live;
+                            return Some(Event::Message(frame, ack));
+                        }
+                    }
+                }
+                Phase::Replay { pending } => {
+                    if let Some(held) = pending {
+                        match self.history.seq_of_key(held.frame.key()) {
+                            Some(seq) if seq < self.cursor => {
+                                // The window sent this one: switch to the queue here.
+                                let ack = pending.take().and_then(|p| p.ack);
+                                self.phase = Phase::Skip { until: self.cursor };
+                                return Some(Event::Duplicate(ack));
+                            }
+                            _ if held.since.elapsed() > HANDOVER_TIMEOUT => {
+                                tracing::warn!(
+                                    "the history window did not catch up with the session's queue; \
+                                     continuing from the queue"
+                                );
+                                let held = pending.take()?;
+                                self.phase = Phase::Live;
+                                return Some(Event::Message(held.frame, held.ack));
+                            }
+                            _ => {}
+                        }
+                    }
+                    // Mark the window's state seen before reading it, so no append is missed.
+                    self.changes.borrow_and_update();
+                    match self.history.get(self.cursor) {
+                        Ok(Some(entry)) => {
+                            self.cursor += 1;
+                            return Some(Event::Message(entry.frame, None));
+                        }
+                        Err(first) => {
+                            // This session fell further behind than the window holds.
+                            let missed = first - self.cursor;
+                            self.cursor = first;
+                            return Some(Event::Gap(missed));
+                        }
+                        Ok(None) => {}
+                    }
+                    let deadline = pending.as_ref().map(|p| p.since + HANDOVER_TIMEOUT);
+                    tokio::select! {
+                        changed = self.changes.changed() => {
+                            if changed.is_err() {
+                                // The window is gone with the bus: the queue alone goes on.
+                                self.phase = Phase::Live;
+                            }
+                        }
+                        event = self.live.next(), if pending.is_none() => match event? {
+                            Event::Message(frame, ack) => {
+                                *pending = Some(Pending { frame, ack, since: tokio::time::Instant::now() });
+                            }
+                            other => return Some(other),
+                        },
+                        () = sleep_until(deadline) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, ts_millis: i64) -> NewEntry {
+        NewEntry {
+            id: id.into(),
+            ts_millis,
+            offset: None,
+            frame: Frame::from(format!("{{\"id\":\"{id}\"}}")),
+        }
+    }
+
+    #[test]
+    fn the_window_keeps_the_newest_entries_and_pages_back() {
+        let history = History::new(3);
+        for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
+            history.append(entry(id, i as i64));
+        }
+        let page = history.page(10, None).unwrap();
+        let ids: Vec<_> = page.entries.iter().map(|e| e.id.to_string()).collect();
+        assert_eq!(ids, ["b", "c", "d"]);
+        assert!(!page.more_in_window);
+        let page = history.page(1, Some("d")).unwrap();
+        assert_eq!(page.entries[0].id.as_ref(), "c");
+        assert!(page.more_in_window);
+        assert!(history.page(1, Some("a")).is_none(), "a left the window");
+        assert!(matches!(history.get(0), Err(1)));
+    }
+
+    #[test]
+    fn resuming_starts_after_the_last_seen_message_or_reports_a_gap() {
+        let history = History::new(3);
+        let ids: Vec<String> =
+            (0..4).map(|i| ulid::Ulid::from_parts(1000 * (i + 1), 1).to_string()).collect();
+        for (i, id) in ids.iter().enumerate() {
+            history.append(entry(id, 1000 * (i as i64 + 1)));
+        }
+        assert_eq!(history.start_after(&ids[2]), Start { seq: 3, gap: None });
+        let gone = history.start_after(&ids[0]);
+        assert_eq!(gone.seq, 1);
+        assert!(gone.gap.is_some(), "older than the window");
+        // A ULID not in the window but within its time span resumes by time.
+        let between = ulid::Ulid::from_parts(2500, 7).to_string();
+        assert_eq!(history.start_after(&between), Start { seq: 2, gap: None });
+        assert!(history.start_after("not-an-id").gap.is_some());
+        assert!(History::new(0).start_after(&ids[3]).gap.is_some(), "history off");
+    }
+}

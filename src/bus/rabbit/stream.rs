@@ -1,0 +1,297 @@
+//! The history stream: a durable RabbitMQ stream bound to the fanout exchange.
+//!
+//! Every message published to the exchange is appended to it, whoever published it. Each
+//! replica *follows* it (an AMQP 0-9-1 consumer with `x-stream-offset`) to fill its in-memory
+//! window, and reads older parts of it on demand for `GET /messages?before=`.
+//!
+//! At its first start a process must know where the stream ends, to fill its window with the
+//! last messages and report ready only once it has. AMQP 0-9-1 has no "tail offset" query, so
+//! the replica appends a *marker* (published to the stream directly through the default
+//! exchange, so no browser or other consumer of the exchange sees it), attaches at `last` (the
+//! stream's last chunk, which exists now), and takes the first offset it sees there as the tail.
+//! Markers carry the header `x-fanout-chat-marker`; every reader here skips them.
+
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use lapin::{
+    BasicProperties, Channel, Connection, Consumer,
+    message::Delivery,
+    options::{
+        BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, QueueBindOptions,
+        QueueDeclareOptions,
+    },
+    protocol::AMQPSoftError,
+    types::{AMQPValue, FieldTable, ShortString},
+};
+
+use super::{Shared, channel_error, decode};
+use crate::bus::history::NewEntry;
+
+/// Header that marks the replicas' own bookkeeping messages in the stream.
+const MARKER_HEADER: &str = "x-fanout-chat-marker";
+/// Unacknowledged deliveries of a stream consumer (streams require a prefetch).
+const STREAM_PREFETCH: u16 = 500;
+/// How long one read of the stream (finding the tail, a page of history) may take.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Declares the stream with its retention and binds it to the exchange. A stream that exists
+/// with other retention settings is used as it is, with a warning (as the exchange is).
+pub(super) async fn declare(
+    connection: &Connection,
+    exchange: &str,
+    shared: &Shared,
+) -> Result<(), lapin::Error> {
+    let stream = &shared.config.history;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+    arguments.insert("x-max-age".into(), AMQPValue::LongString(stream.max_age.as_str().into()));
+    let max_bytes = i64::try_from(stream.max_bytes).unwrap_or(i64::MAX);
+    arguments.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(max_bytes));
+    // Retention removes whole segments, so a segment must be well under the size limit
+    // (RabbitMQ's default segment is 500 MB).
+    let segment = (max_bytes / 4).clamp(250_000, 500_000_000);
+    arguments.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(segment));
+    let channel = connection.create_channel().await?;
+    let declared = channel
+        .queue_declare(
+            stream.name.as_str().into(),
+            QueueDeclareOptions { durable: true, ..Default::default() },
+            arguments,
+        )
+        .await;
+    let channel = match declared {
+        Ok(_) => channel,
+        Err(e) if channel_error(&e) == Some(&AMQPSoftError::PRECONDITIONFAILED) => {
+            let probe = connection.create_channel().await?;
+            probe
+                .queue_declare(
+                    stream.name.as_str().into(),
+                    QueueDeclareOptions { passive: true, ..Default::default() },
+                    FieldTable::default(),
+                )
+                .await?;
+            tracing::warn!(
+                stream = %stream.name, error = %e,
+                "the history stream exists with other settings; using it as it is"
+            );
+            probe
+        }
+        Err(e) => return Err(e),
+    };
+    channel
+        .queue_bind(
+            stream.name.as_str().into(),
+            exchange.into(),
+            ShortString::from(""),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = channel.close(200, "OK".into()).await;
+    Ok(())
+}
+
+/// Starts following the stream into the window: from where the last link stopped, or, the
+/// first time, from the last `window` messages (see the module docs). The task ends with the
+/// connection; the next link resumes it.
+pub(super) async fn follow(
+    shared: &Arc<Shared>,
+    connection: &Connection,
+    publisher: &Channel,
+) -> Result<(), String> {
+    let stream = shared.config.history.name.clone();
+    let resume_at = *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
+    let (start, tail) = match resume_at {
+        Some(next) => (next, None),
+        None => {
+            let tail = find_tail(connection, publisher, &stream).await?;
+            (tail.saturating_sub(shared.history.capacity() as u64), Some(tail))
+        }
+    };
+    if tail.is_none() {
+        shared.history_filled.store(true, Relaxed);
+    }
+    let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
+    let mut consumer = consume(&channel, &stream, offset_value(start)).await.map_err(|e| e.to_string())?;
+    tracing::debug!(%stream, start, "following the history stream");
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            let Some(offset) = stream_offset(&delivery) else { continue };
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            {
+                let mut next = shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
+                if next.is_some_and(|n| offset < n) {
+                    continue; // Already in the window (a chunk re-read from its start).
+                }
+                *next = Some(offset + 1);
+            }
+            if tail.is_some_and(|t| offset >= t) && !shared.history_filled.swap(true, Relaxed) {
+                tracing::info!(offset, "history window filled from the stream");
+            }
+            if let Some(entry) = into_entry(delivery, offset, shared.max_frame_bytes) {
+                shared.history.append(entry);
+            }
+        }
+        drop(channel);
+    });
+    Ok(())
+}
+
+/// The offset of the stream's end (roughly: the first message of its last chunk).
+async fn find_tail(connection: &Connection, publisher: &Channel, stream: &str) -> Result<u64, String> {
+    let token = ulid::Ulid::new().to_string();
+    let mut headers = FieldTable::default();
+    headers.insert(MARKER_HEADER.into(), AMQPValue::LongString(token.as_str().into()));
+    let read = async {
+        publisher
+            .basic_publish(
+                ShortString::from(""),
+                stream.into(),
+                BasicPublishOptions::default(),
+                b"",
+                BasicProperties::default().with_headers(headers),
+            )
+            .await?
+            .await?;
+        let channel = connection.create_channel().await?;
+        let mut consumer = consume(&channel, stream, AMQPValue::LongString("last".into())).await?;
+        let first = consumer.next().await.transpose()?;
+        let _ = channel.close(200, "OK".into()).await;
+        Ok::<_, lapin::Error>(first.as_ref().and_then(stream_offset))
+    };
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(Ok(Some(offset))) => Ok(offset),
+        Ok(Ok(None)) => Err(format!("the history stream {stream:?} delivered nothing at its end")),
+        Ok(Err(e)) => Err(format!("reading the end of the history stream {stream:?}: {e}")),
+        Err(_) => Err(format!("no answer reading the end of the history stream {stream:?}")),
+    }
+}
+
+/// Reads up to `limit` messages before `before` (an offset), oldest first, and whether older
+/// ones may exist.
+pub(super) async fn read_before(
+    connection: &Connection,
+    stream: &str,
+    max_bytes: usize,
+    before: u64,
+    limit: usize,
+) -> Result<(Vec<NewEntry>, bool), String> {
+    if before == 0 || limit == 0 {
+        return Ok((Vec::new(), false));
+    }
+    let start = before.saturating_sub(limit as u64);
+    let read = async {
+        let channel = connection.create_channel().await?;
+        let mut consumer = consume(&channel, stream, offset_value(start)).await?;
+        let mut entries = Vec::new();
+        let mut first_seen = None;
+        while let Some(delivery) = consumer.next().await.transpose()? {
+            let Some(offset) = stream_offset(&delivery) else { continue };
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            if offset >= before {
+                break;
+            }
+            first_seen.get_or_insert(offset);
+            if let Some(entry) = into_entry(delivery, offset, max_bytes) {
+                entries.push(entry);
+            }
+            if offset + 1 >= before {
+                break;
+            }
+        }
+        let _ = channel.close(200, "OK".into()).await;
+        // Retention may have removed what came before `start`: then the broker starts later.
+        Ok::<_, lapin::Error>((entries, start > 0 && first_seen == Some(start)))
+    };
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(result) => result.map_err(|e| format!("reading the history stream: {e}")),
+        Err(_) => Err("reading the history stream took too long".into()),
+    }
+}
+
+/// Finds the offset of the message `id` by reading the stream from a second before the time
+/// in its ULID. `None`: not an id of ours, or no longer in the stream.
+pub(super) async fn locate(
+    connection: &Connection,
+    stream: &str,
+    max_bytes: usize,
+    id: &str,
+) -> Result<Option<u64>, String> {
+    let Ok(ulid) = ulid::Ulid::from_string(id) else { return Ok(None) };
+    let millis = ulid.timestamp_ms();
+    let read = async {
+        let channel = connection.create_channel().await?;
+        let from = AMQPValue::Timestamp((millis / 1000).saturating_sub(1));
+        let mut consumer = consume(&channel, stream, from).await?;
+        let mut found = None;
+        while let Some(delivery) = consumer.next().await.transpose()? {
+            let Some(offset) = stream_offset(&delivery) else { continue };
+            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            let Some(entry) = into_entry(delivery, offset, max_bytes) else { continue };
+            if &*entry.id == id {
+                found = Some(offset);
+                break;
+            }
+            // Ids are times: far enough past it, it is not coming.
+            if entry.ts_millis > i64::try_from(millis).unwrap_or(i64::MAX).saturating_add(10_000) {
+                break;
+            }
+        }
+        let _ = channel.close(200, "OK".into()).await;
+        Ok::<_, lapin::Error>(found)
+    };
+    match tokio::time::timeout(READ_TIMEOUT, read).await {
+        Ok(result) => result.map_err(|e| format!("reading the history stream: {e}")),
+        // Reached the stream's end without finding it.
+        Err(_) => Ok(None),
+    }
+}
+
+async fn consume(channel: &Channel, stream: &str, offset: AMQPValue) -> Result<Consumer, lapin::Error> {
+    channel.basic_qos(STREAM_PREFETCH, BasicQosOptions { global: false }).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-stream-offset".into(), offset);
+    channel
+        .basic_consume(stream.into(), ShortString::from(""), BasicConsumeOptions::default(), arguments)
+        .await
+}
+
+fn offset_value(offset: u64) -> AMQPValue {
+    AMQPValue::LongLongInt(i64::try_from(offset).unwrap_or(i64::MAX))
+}
+
+/// The `x-stream-offset` header RabbitMQ puts on every delivery from a stream.
+fn stream_offset(delivery: &Delivery) -> Option<u64> {
+    let headers = delivery.properties.headers().as_ref()?;
+    match headers.inner().get("x-stream-offset")? {
+        AMQPValue::LongLongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongInt(n) => u64::try_from(*n).ok(),
+        AMQPValue::LongUInt(n) => Some(u64::from(*n)),
+        _ => None,
+    }
+}
+
+fn is_marker(delivery: &Delivery) -> bool {
+    delivery.properties.headers().as_ref().is_some_and(|h| h.inner().contains_key(MARKER_HEADER))
+}
+
+/// A window entry for one delivery from the stream; `None` for a marker, or for a message too
+/// large for a browser (sessions skip those too).
+fn into_entry(delivery: Delivery, offset: u64, max_bytes: usize) -> Option<NewEntry> {
+    if is_marker(&delivery) || delivery.data.len() > max_bytes {
+        return None;
+    }
+    let Delivery { data, properties, .. } = delivery;
+    let (frame, envelope) = decode(data, &properties);
+    Some(NewEntry {
+        id: envelope.id.as_str().into(),
+        ts_millis: envelope.ts_millis(),
+        offset: Some(offset),
+        frame,
+    })
+}
