@@ -177,6 +177,7 @@ async fn sigterm_closes_sessions_with_1001_removes_their_queues_and_exits_0() {
         }
     })
     .await;
+    crate::helpers::delete_exchange_and_history(&exchange, &format!("{exchange}.history")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -88,4 +88,5 @@ async fn a_message_posted_to_any_replica_reaches_every_session_and_a_killed_repl
         }
     }
     drop((first, third));
+    crate::helpers::delete_exchange_and_history(&exchange, &format!("{exchange}.history")).await;
 }
