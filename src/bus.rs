@@ -148,13 +148,16 @@ impl Bus {
     /// Starts receiving every message published from now on, and, with `since` (the id of the
     /// last message the session saw), every message after that one first. When this returns,
     /// the session is bound: a message published after it is delivered to it.
+    ///
+    /// After a broker outage, the subscription also replays what the session missed meanwhile
+    /// from the history window (see [`history`]).
     pub async fn subscribe(&self, session: &str, since: Option<&str>) -> Result<Subscription, BusError> {
         let live = match self {
-            Self::Memory(bus) => Subscription::Memory(bus.subscribe()),
+            Self::Memory(bus) => Live::Memory(bus.subscribe()),
             Self::Rabbit(bus) => bus.subscribe(session).await?,
         };
         Ok(match since {
-            None => live,
+            None => Subscription(self.history().follow(live)),
             // Looked up only now that the session is bound: nothing can fall between the two.
             Some(since) => {
                 let history = self.history();
@@ -165,7 +168,7 @@ impl Bus {
                     // Older than the window: RabbitMQ may still have it in the stream.
                     (older, start) = bus.replay_before_window(since, start).await;
                 }
-                Subscription::Resume(Box::new(history.resume(start, older, live)))
+                Subscription(history.resume(start, older, live))
             }
         })
     }
@@ -212,23 +215,31 @@ impl Bus {
     }
 }
 
-/// One session's stream of [`Event`]s. Dropping it unbinds the session (its queue goes away).
-pub enum Subscription {
-    Memory(memory::MemorySubscription),
-    /// Boxed: it is ten times the size of the other, and one is made per session.
-    Rabbit(Box<rabbit::RabbitSubscription>),
-    /// Replays history, then continues live (see [`history`]).
-    Resume(Box<history::Resume>),
-}
+/// One session's stream of [`Event`]s: its live subscription, with history replayed before it
+/// and after outages. Dropping it unbinds the session (its queue goes away).
+pub struct Subscription(history::Resume);
 
 impl Subscription {
     /// The next event. Cancel-safe: it may be dropped inside `select!` without losing one.
     /// `None` means the bus shut down.
     pub async fn next(&mut self) -> Option<Event> {
+        self.0.next().await
+    }
+}
+
+/// What the bus itself delivers to one session: messages published while it is bound.
+pub enum Live {
+    Memory(memory::MemorySubscription),
+    /// Boxed: it is ten times the size of the other, and one is made per session.
+    Rabbit(Box<rabbit::RabbitSubscription>),
+}
+
+impl Live {
+    /// Cancel-safe, as [`Subscription::next`].
+    pub async fn next(&mut self) -> Option<Event> {
         match self {
             Self::Memory(sub) => sub.next().await,
             Self::Rabbit(sub) => sub.next().await,
-            Self::Resume(sub) => Box::pin(sub.next()).await,
         }
     }
 }

@@ -30,7 +30,7 @@ use std::{
 
 use tokio::sync::watch;
 
-use super::{Ack, Event, Frame, Subscription};
+use super::{Ack, Event, Frame, Live};
 
 /// How long a session's first live message may wait for the window to catch up with it. Past
 /// this (a stalled stream reader) the session takes its queue as it is: nothing is lost, at
@@ -282,7 +282,16 @@ impl History {
     /// A subscription that first replays `older` (messages from before the window, read from
     /// the history stream), then the window from `start`, then hands over to `live` (see the
     /// module docs).
-    pub fn resume(&self, start: Start, older: Vec<NewEntry>, live: Subscription) -> Resume {
+    /// A subscription that delivers from `live` and, after a broker outage, replays from the
+    /// window what the session missed while its queue was gone.
+    pub fn follow(&self, live: Live) -> Resume {
+        let next = *self.0.next_seq.borrow();
+        let mut resume = self.resume(Start { seq: next, gap: None }, Vec::new(), live);
+        resume.phase = Phase::Live;
+        resume
+    }
+
+    pub fn resume(&self, start: Start, older: Vec<NewEntry>, live: Live) -> Resume {
         let notice = start.gap.map(|reason| {
             let from = older
                 .first()
@@ -295,6 +304,8 @@ impl History {
             changes: self.0.next_seq.subscribe(),
             older: older.into_iter().map(|e| e.frame).collect(),
             cursor: start.seq,
+            start_seq: start.seq,
+            last_key: None,
             live,
             phase: Phase::Replay { pending: None },
             notice,
@@ -310,7 +321,11 @@ pub struct Resume {
     older: VecDeque<Frame>,
     /// The next window entry to send.
     cursor: u64,
-    live: Subscription,
+    /// Where this session's window part started: the catch-up point if it never got a message.
+    start_seq: u64,
+    /// The key of the last message this session got: the catch-up point after an outage.
+    last_key: Option<u64>,
+    live: Live,
     phase: Phase,
     /// Sent first: why some of what the session asked for cannot be replayed.
     notice: Option<Event>,
@@ -333,8 +348,41 @@ struct Pending {
 }
 
 impl Resume {
-    /// The next event; cancel-safe, as [`Subscription::next`] is.
+    /// The next event; cancel-safe, as [`super::Subscription::next`] is.
     pub async fn next(&mut self) -> Option<Event> {
+        let event = self.next_event().await;
+        match &event {
+            Some(Event::Message(frame, _)) => self.last_key = Some(frame.key()),
+            // The session's queue is back after an outage, but what was published meanwhile
+            // never reached it (the old queue went with the connection): replay that from the
+            // window, and hand over to the new queue as a resuming session does.
+            Some(Event::Restored) if self.history.capacity() > 0 => self.catch_up(),
+            _ => {}
+        }
+        event
+    }
+
+    fn catch_up(&mut self) {
+        let after_last = self.last_key.map(|key| self.history.seq_of_key(key).map(|seq| seq + 1));
+        self.cursor = match after_last {
+            Some(Some(seq)) => seq,
+            None => self.start_seq,
+            Some(None) => {
+                // The last message it got already left the window: replay what is there.
+                let oldest = self.history.oldest();
+                self.notice = Some(Event::ReplayGap {
+                    reason: "more was published during the broker outage than the history window holds; \
+                             replay starts at the oldest message kept",
+                    replay_from: oldest.as_ref().map(|e| (e.id.to_string(), e.ts_millis)),
+                });
+                oldest.map_or(self.start_seq, |e| e.seq)
+            }
+        };
+        tracing::debug!(cursor = self.cursor, "catching up from the history window after an outage");
+        self.phase = Phase::Replay { pending: None };
+    }
+
+    async fn next_event(&mut self) -> Option<Event> {
         if let Some(notice) = self.notice.take() {
             return Some(notice);
         }
@@ -456,7 +504,7 @@ mod tests {
     fn resuming_starts_after_the_last_seen_message_or_reports_a_gap() {
         let history = History::new(3);
         let ids: Vec<String> =
-            (0..4).map(|i| ulid::Ulid::from_parts(1000 * (i + 1), 1).to_string()).collect();
+            (0..4).map(|i| ulid::Ulid::from_parts(1000 * (i + 1), u128::from(i) + 1).to_string()).collect();
         for (i, id) in ids.iter().enumerate() {
             history.append(entry(id, 1000 * (i as i64 + 1)));
         }

@@ -42,7 +42,7 @@ use tokio_util::sync::CancellationToken;
 mod stream;
 
 use super::{
-    Ack, BusError, Event, Frame, MemoryBus, Readiness, Subscription,
+    Ack, BusError, Event, Frame, Live, MemoryBus, Readiness,
     history::{self, History},
 };
 use crate::{
@@ -260,10 +260,10 @@ impl RabbitBus {
     /// Declares, binds and consumes the session's queue. The work runs in its own task, so a
     /// caller that gives up (a browser that goes away mid-handshake) cannot leave a consumer
     /// half made: the task finishes, and its result is dropped cleanly.
-    pub async fn subscribe(&self, session: &str) -> Result<Subscription, BusError> {
+    pub async fn subscribe(&self, session: &str) -> Result<Live, BusError> {
         let link = self.current_link()?;
         if let Some(local) = &self.0.local {
-            return Ok(Subscription::Memory(local.subscribe()));
+            return Ok(Live::Memory(local.subscribe()));
         }
         let queue = format!("fanout-chat.{}.{}", self.0.replica, session);
         let bus = self.clone();
@@ -275,7 +275,7 @@ impl RabbitBus {
         let entry =
             Arc::new(SessionEntry { generation: AtomicU64::new(active.generation), ..Default::default() });
         self.0.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.clone(), entry.clone());
-        Ok(Subscription::Rabbit(Box::new(RabbitSubscription {
+        Ok(Live::Rabbit(Box::new(RabbitSubscription {
             bus: self.clone(),
             entry,
             link: self.0.link.clone(),

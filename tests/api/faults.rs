@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fanout_chat::Config;
+use fanout_chat::{Config, config::FanoutMode};
 use lapin::{Connection, ConnectionProperties, options::ExchangeDeleteOptions};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -710,4 +710,58 @@ async fn a_session_that_stops_reading_is_closed_without_slowing_the_others() {
     eprintln!("the stuck session got {frames} frames, then {end}");
     healthy.close().await;
     app.stop().await;
+}
+
+/// While one replica's broker link is cut, another replica keeps taking messages. Its
+/// sessions' queues went with the link, so those messages never reach them by queue; after the
+/// restore each session catches up from the history window, then continues live: every message
+/// once, in order. In both fan-out modes.
+async fn sessions_catch_up_on_what_another_replica_took_during_a_link_outage(mode: FanoutMode) {
+    let proxy = ChaosProxy::start(main_broker()).await;
+    let mut config = proxied_config(&proxy);
+    config.rabbitmq.as_mut().unwrap().fanout = mode;
+    let cut_off = spawn_app_with(config).await;
+    let mut direct = test_config(BusKind::Rabbit);
+    let mut rabbit = cut_off.config.rabbitmq.clone().unwrap();
+    rabbit.port = AMQP_PORT;
+    direct.rabbitmq = Some(rabbit);
+    direct.replica = format!("direct-{}", ulid::Ulid::new());
+    let direct = spawn_app_with(direct).await;
+    let mut sessions = vec![cut_off.connect().await, cut_off.connect().await];
+    let before = direct.post_text("before the cut").await;
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, before);
+    }
+
+    proxy.cut().await;
+    for session in &mut sessions {
+        expect_notice(session, "interrupted", WAIT).await;
+    }
+    let mut during = Vec::new();
+    for i in 0..3 {
+        during.push(direct.post_text(&format!("during the cut {i}")).await);
+    }
+    proxy.restore().await;
+    for session in &mut sessions {
+        expect_notice(session, "restored", WAIT).await;
+        for message in &during {
+            assert_eq!(&session.next_message().await, message, "caught up from the history, in order");
+        }
+    }
+    let after = direct.post_text("after the restore").await;
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, after, "then live, nothing repeated");
+    }
+    cut_off.stop_keeping_broker_state().await;
+    direct.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_catch_up_after_a_link_outage_in_session_mode() {
+    sessions_catch_up_on_what_another_replica_took_during_a_link_outage(FanoutMode::Session).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_catch_up_after_a_link_outage_in_process_mode() {
+    sessions_catch_up_on_what_another_replica_took_during_a_link_outage(FanoutMode::Process).await;
 }
