@@ -12,6 +12,7 @@ mod rabbit;
 use std::{sync::Arc, time::Duration};
 
 use axum::extract::ws::Utf8Bytes;
+use futures_util::FutureExt;
 use history::History;
 use tokio_util::sync::CancellationToken;
 
@@ -105,11 +106,13 @@ pub enum Event {
 pub struct Ack(lapin::Acker);
 
 impl Ack {
-    /// Tells the broker the message reached the browser's socket.
-    pub async fn send(self) {
-        if let Err(e) = self.0.ack(lapin::options::BasicAckOptions::default()).await {
-            // The channel died under us: the delivery will not be redelivered to this
-            // session (its queue goes with the channel), and the subscription recovers.
+    /// Tells the broker the message reached the browser's socket. It does not wait: lapin
+    /// queues the ack on its first poll, and its IO loop writes it; waiting for that write per
+    /// delivery held each session's loop up for a round trip through lapin's IO thread.
+    pub fn send(self) {
+        if let Some(Err(e)) = self.0.ack(lapin::options::BasicAckOptions::default()).now_or_never() {
+            // The channel died under us: the delivery will not be redelivered to this session
+            // (its queue goes with the channel), and the subscription recovers.
             tracing::debug!(error = %e, "ack failed");
         }
     }

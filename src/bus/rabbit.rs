@@ -783,7 +783,7 @@ async fn consume_for_process(
             } else {
                 metrics.skipped.fetch_add(1, Relaxed);
             }
-            Ack(acker).send().await;
+            Ack(acker).send();
         }
         drop(channel);
     });

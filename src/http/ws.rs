@@ -19,6 +19,7 @@ use axum::{
     },
     response::Response,
 };
+use futures_util::{FutureExt, SinkExt};
 use serde::Deserialize;
 use serde_json::json;
 use tracing::Instrument;
@@ -26,7 +27,7 @@ use tracing::Instrument;
 use super::{client::ClientIp, error::AppError};
 use crate::{
     app::AppState,
-    bus::{Event, Subscription},
+    bus::{Ack, Event, Subscription},
     chat::{Draft, Envelope, ts_from_millis},
     limits::SessionPermit,
 };
@@ -37,6 +38,10 @@ use crate::{
 pub struct Resume {
     since: Option<String>,
 }
+
+/// Most frames written with one flush: bounds how long the socket's reader (the browser's
+/// frames, its Close) waits behind a burst.
+const BATCH: usize = 32;
 
 /// Longest `since` accepted: ids are ULIDs (26 characters) or another service's `message_id`.
 const MAX_SINCE_BYTES: usize = 256;
@@ -66,14 +71,23 @@ pub async fn upgrade(
         // Small read/write buffers keep an idle session cheap; the write buffer has a hard cap
         // so a browser that stops reading cannot grow our memory.
         .read_buffer_size(4 * 1024)
-        .write_buffer_size(0)
+        // Frames fed in a batch collect here until the flush (or until it is full).
+        .write_buffer_size(4 * 1024)
         // tungstenite refuses a frame larger than this cap outright, so it holds two of the
         // largest frames we ever send.
         .max_write_buffer_size(state.config.ws_max_write_buffer.max(frame_limit * 2))
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
         .on_upgrade(move |socket| {
-            let session = Session { state, id: session, client, socket, subscription, _permit: permit };
+            let session = Session {
+                state,
+                id: session,
+                client,
+                socket,
+                subscription,
+                acks: Vec::new(),
+                _permit: permit,
+            };
             sessions.track_future(session.run().instrument(span))
         }))
 }
@@ -84,6 +98,8 @@ struct Session {
     client: IpAddr,
     socket: WebSocket,
     subscription: Subscription,
+    /// Acks of the frames in the batch being written; kept to reuse its allocation.
+    acks: Vec<Ack>,
     /// This session's place under the session limits, freed when the session ends.
     _permit: SessionPermit,
 }
@@ -132,7 +148,7 @@ impl Session {
             let step = tokio::select! {
                 () = shutdown.cancelled() => return End::Close(close_code::AWAY, "server shutting down"),
                 event = self.subscription.next() => match event {
-                    Some(event) => self.deliver(event).await,
+                    Some(event) => self.deliver_batch(event).await,
                     None => return End::Close(close_code::AWAY, "message bus closed"),
                 },
                 incoming = self.socket.recv() => {
@@ -153,40 +169,68 @@ impl Session {
         }
     }
 
-    async fn deliver(&mut self, event: Event) -> Result<(), End> {
+    /// Writes `first` and whatever else the subscription has ready (up to [`BATCH`]) with one
+    /// flush, then acknowledges their deliveries: in a burst, one write to the socket carries
+    /// many frames instead of one each.
+    async fn deliver_batch(&mut self, first: Event) -> Result<(), End> {
+        let mut acks = std::mem::take(&mut self.acks);
+        let mut next = Some(first);
+        let mut written = 0;
+        let mut bus_closed = false;
+        while let Some(event) = next.take() {
+            self.write(event, &mut acks).await?;
+            written += 1;
+            if written == BATCH {
+                break;
+            }
+            // Cancel-safe, so an event that is not ready yet is not lost by asking.
+            match self.subscription.next().now_or_never() {
+                Some(Some(event)) => next = Some(event),
+                Some(None) => bus_closed = true,
+                None => {}
+            }
+        }
+        self.flush().await?;
+        for ack in acks.drain(..) {
+            ack.send();
+        }
+        self.acks = acks;
+        if bus_closed {
+            return Err(End::Close(close_code::AWAY, "message bus closed"));
+        }
+        Ok(())
+    }
+
+    /// Queues the frame for one event (not flushed); its ack, if any, goes to `acks`.
+    async fn write(&mut self, event: Event, acks: &mut Vec<Ack>) -> Result<(), End> {
         match event {
             Event::Message(frame, ack) => {
-                self.send(Message::Text(frame.into_text())).await?;
+                self.feed(Message::Text(frame.into_text())).await?;
                 self.state.metrics.delivered.fetch_add(1, Relaxed);
-                if let Some(ack) = ack {
-                    ack.send().await;
-                }
+                acks.extend(ack);
                 Ok(())
             }
-            Event::Gap(missed) => self.send_json(json!({ "type": "gap", "missed": missed })).await,
+            Event::Gap(missed) => self.feed_json(json!({ "type": "gap", "missed": missed })).await,
             Event::Oversized { bytes, ack } => {
                 self.state.metrics.skipped.fetch_add(1, Relaxed);
                 let reason = format!("a message of {bytes} bytes was too large to deliver");
-                let notice = self.send_json(json!({ "type": "gap", "missed": 1, "reason": reason })).await;
-                ack.send().await;
-                notice
+                acks.push(ack);
+                self.feed_json(json!({ "type": "gap", "missed": 1, "reason": reason })).await
             }
             Event::Interrupted(reason) => {
                 // The cause is logged by the bus; the browser needs to know what it means.
                 tracing::debug!(%reason, "telling the browser delivery is interrupted");
                 let reason = "the server lost its message broker link; waiting for it to come back";
-                self.send_json(json!({ "type": "interrupted", "reason": reason })).await
+                self.feed_json(json!({ "type": "interrupted", "reason": reason })).await
             }
-            Event::Restored => self.send_json(json!({ "type": "restored" })).await,
+            Event::Restored => self.feed_json(json!({ "type": "restored" })).await,
             Event::Duplicate(ack) => {
-                if let Some(ack) = ack {
-                    ack.send().await;
-                }
+                acks.extend(ack);
                 Ok(())
             }
             Event::ReplayGap { reason, replay_from } => {
                 let from = replay_from.map(|(id, millis)| json!({ "id": id, "ts": ts_from_millis(millis) }));
-                self.send_json(json!({ "type": "gap", "reason": reason, "replay_from": from })).await
+                self.feed_json(json!({ "type": "gap", "reason": reason, "replay_from": from })).await
             }
         }
     }
@@ -252,15 +296,42 @@ impl Session {
         self.send(Message::Text(value.to_string().into())).await
     }
 
-    /// Writes one frame, giving up on a browser that has not taken it within the timeout, or
-    /// when the server shuts down meanwhile.
+    async fn feed_json(&mut self, value: serde_json::Value) -> Result<(), End> {
+        self.feed(Message::Text(value.to_string().into())).await
+    }
+
+    /// Writes one frame and flushes it.
     async fn send(&mut self, message: Message) -> Result<(), End> {
+        self.feed(message).await?;
+        self.flush().await
+    }
+
+    /// Queues one frame in the socket's write buffer (written out when the buffer is full or
+    /// flushed), giving up on a browser that has not taken it within the timeout, or when the
+    /// server shuts down meanwhile.
+    async fn feed(&mut self, message: Message) -> Result<(), End> {
         let timeout = self.state.config.ws_send_timeout;
-        let sent = tokio::select! {
-            sent = tokio::time::timeout(timeout, self.socket.send(message)) => sent,
+        let fed = tokio::select! {
+            fed = tokio::time::timeout(timeout, self.socket.feed(message)) => fed,
             () = self.state.shutdown.cancelled() => return Err(End::Close(close_code::AWAY, "server shutting down")),
         };
-        match sent {
+        self.outcome(fed)
+    }
+
+    async fn flush(&mut self) -> Result<(), End> {
+        let timeout = self.state.config.ws_send_timeout;
+        let flushed = tokio::select! {
+            flushed = tokio::time::timeout(timeout, self.socket.flush()) => flushed,
+            () = self.state.shutdown.cancelled() => return Err(End::Close(close_code::AWAY, "server shutting down")),
+        };
+        self.outcome(flushed)
+    }
+
+    fn outcome(
+        &self,
+        result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
+    ) -> Result<(), End> {
+        match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "WebSocket write failed");
