@@ -307,7 +307,8 @@ impl History {
             start_seq: start.seq,
             last_key: None,
             live,
-            phase: Phase::Replay { pending: None },
+            // With history off there is nothing to replay, nor anything to wait for.
+            phase: if self.0.capacity == 0 { Phase::Live } else { Phase::Replay { pending: None } },
             notice,
         }
     }

@@ -69,6 +69,8 @@ const OVERFLOW_EXCHANGE: &str = "fanout-chat.overflow";
 const OVERFLOW_QUEUE_MAX_LENGTH: i32 = 10_000;
 /// A link up for this long is healthy: its loss starts the backoff from the beginning.
 const STABLE_LINK: Duration = Duration::from_secs(30);
+/// Reads of the history stream on demand that may run at once, per process.
+const STREAM_READS: usize = 8;
 /// How long a clean close of a connection may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -92,6 +94,9 @@ struct Shared {
     sessions: std::sync::Mutex<HashMap<String, Arc<SessionEntry>>>,
     /// The window of recent messages, filled from the history stream (capacity 0: no stream).
     history: History,
+    /// Bounds the reads of the stream made on demand (history pages, long replays), each a
+    /// consumer on the broker: a flood of requests for old history cannot pile them up.
+    stream_reads: tokio::sync::Semaphore,
     /// The stream offset the follower reads next; `None` before the first link.
     stream_next: std::sync::Mutex<Option<u64>>,
     /// The window has been filled from the stream up to its end at start-up: until then the
@@ -170,6 +175,7 @@ impl RabbitBus {
             history_filled: std::sync::atomic::AtomicBool::new(history.capacity() == 0),
             history,
             stream_next: std::sync::Mutex::new(None),
+            stream_reads: tokio::sync::Semaphore::new(STREAM_READS),
             local,
             config,
             replica,
@@ -404,6 +410,7 @@ impl RabbitBus {
             }
             None => {
                 let Some(id) = before else { return Ok((Vec::new(), false)) };
+                let _reading = self.stream_read()?;
                 let link = self.current_link()?;
                 let stream = &self.0.config.history.name;
                 let located = stream::locate(&link.connections[1], stream, self.0.max_frame_bytes, id)
@@ -415,6 +422,7 @@ impl RabbitBus {
         let mut frames = Vec::with_capacity(limit);
         let mut more = false;
         if let Some(offset) = read_before {
+            let _reading = self.stream_read()?;
             let link = self.current_link()?;
             let stream = &self.0.config.history.name;
             let wanted = limit - newer.len();
@@ -429,6 +437,14 @@ impl RabbitBus {
         Ok((frames, more))
     }
 
+    /// A place among the [`STREAM_READS`] reads of the stream allowed at once.
+    fn stream_read(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BusError> {
+        self.0
+            .stream_reads
+            .try_acquire()
+            .map_err(|_| BusError::Unavailable("too many reads of the history stream at once".into()))
+    }
+
     /// For a session resuming after `since`, which is older than the window: the messages
     /// after it up to the window, read from the stream (at most a window's worth: a browser
     /// away for longer gets the newest part, and a gap notice), and where the window part
@@ -441,6 +457,10 @@ impl RabbitBus {
         let history = &self.0.history;
         let Some(window_start) = history.oldest().and_then(|e| e.offset) else { return (Vec::new(), start) };
         let Ok(link) = self.current_link() else { return (Vec::new(), start) };
+        let Ok(_reading) = self.stream_read() else {
+            tracing::warn!("too many history reads at once; a resuming session replays the window only");
+            return (Vec::new(), start);
+        };
         let stream = &self.0.config.history.name;
         let max = self.0.max_frame_bytes;
         let located = match stream::locate(&link.connections[1], stream, max, since).await {

@@ -32,6 +32,9 @@ pub enum AppError {
     Rejected(StatusCode, String),
     #[error(transparent)]
     Bus(#[from] BusError),
+    /// Reading history failed (`GET /messages`).
+    #[error("the message history cannot be read right now; try again")]
+    History(BusError),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -51,7 +54,7 @@ impl AppError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Rejected(status, _) => *status,
-            Self::Bus(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Bus(_) | Self::History(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

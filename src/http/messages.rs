@@ -61,7 +61,10 @@ pub async fn list_messages(
         })?,
     };
     let before = query.before.filter(|b| !b.is_empty());
-    let (frames, has_more) = state.bus.history_page(limit, before.as_deref()).await?;
+    let (frames, has_more) = state.bus.history_page(limit, before.as_deref()).await.map_err(|e| {
+        tracing::warn!(error = %e, "history read failed");
+        AppError::History(e)
+    })?;
     // The frames are envelope JSON already: the page is put together, not re-encoded.
     let mut body = String::with_capacity(frames.iter().map(|f| f.text().len() + 1).sum::<usize>() + 40);
     body.push_str("{\"messages\":[");

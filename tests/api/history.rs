@@ -331,3 +331,28 @@ async fn a_foreign_message_is_in_the_history_and_can_be_resumed_after() {
     assert_eq!(back.next_message().await, after, "resumed right after the foreign message");
     app.stop().await;
 }
+
+/// `NOTIFIER_HISTORY_WINDOW=0` turns history off: no stream on the broker, empty pages, and a
+/// resuming session is told there is no history, then gets live messages without delay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_can_be_turned_off() {
+    let mut config = test_config(BusKind::Rabbit);
+    config.history_window = 0;
+    let stream = config.rabbitmq.as_ref().unwrap().history.name.clone();
+    let app = spawn_app_with(config).await;
+    let posted = app.post_text("not kept").await;
+    let page = app.history("").await;
+    assert_eq!(page_ids(&page), Vec::<String>::new());
+    assert_eq!(page["has_more"], false);
+    assert!(!crate::helpers::queue_exists(&stream).await, "no stream declared");
+
+    let mut session = app.connect_since(posted["id"].as_str().unwrap()).await;
+    let notice = session.next_frame().await;
+    assert_eq!(notice["type"], "gap", "{notice}");
+    assert!(notice["reason"].as_str().unwrap().contains("history is turned off"), "{notice}");
+    let started = std::time::Instant::now();
+    let live = app.post_text("live").await;
+    assert_eq!(session.next_message().await, live);
+    assert!(started.elapsed() < Duration::from_secs(2), "not held back: {:?}", started.elapsed());
+    app.stop().await;
+}

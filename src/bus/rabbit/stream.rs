@@ -16,7 +16,7 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     BasicProperties, Channel, Connection, Consumer,
     message::Delivery,
@@ -122,7 +122,8 @@ pub(super) async fn follow(
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             let Some(offset) = stream_offset(&delivery) else { continue };
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+            // Queued with lapin, not waited for (see `Ack::send`).
+            let _ = delivery.acker.ack(BasicAckOptions::default()).now_or_never();
             {
                 let mut next = shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
                 if next.is_some_and(|n| offset < n) {
