@@ -163,6 +163,9 @@ impl Bus {
             None => Subscription(self.history().follow(live)),
             // Looked up only now that the session is bound: nothing can fall between the two.
             Some(since) => {
+                if let Self::Rabbit(bus) = self {
+                    bus.history_filled(rabbit::HISTORY_FILL_WAIT).await?;
+                }
                 let history = self.history();
                 history.wait_for_recent(since, Duration::from_secs(2)).await;
                 let mut start = history.start_after(since);

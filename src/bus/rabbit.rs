@@ -69,6 +69,9 @@ const OVERFLOW_EXCHANGE: &str = "fanout-chat.overflow";
 const OVERFLOW_QUEUE_MAX_LENGTH: i32 = 10_000;
 /// A link up for this long is healthy: its loss starts the backoff from the beginning.
 const STABLE_LINK: Duration = Duration::from_secs(30);
+/// How long a request for history waits for the window to be filled at start-up, before it is
+/// answered 503.
+pub const HISTORY_FILL_WAIT: Duration = Duration::from_secs(5);
 /// Reads of the history stream on demand that may run at once, per process.
 const STREAM_READS: usize = 8;
 /// How long a clean close of a connection may take at shutdown.
@@ -101,7 +104,7 @@ struct Shared {
     stream_next: std::sync::Mutex<Option<u64>>,
     /// The window has been filled from the stream up to its end at start-up: until then the
     /// process is not ready.
-    history_filled: std::sync::atomic::AtomicBool,
+    history_filled: watch::Sender<bool>,
 }
 
 /// What the bus knows of one open session.
@@ -172,7 +175,7 @@ impl RabbitBus {
         let local = (config.fanout == FanoutMode::Process)
             .then(|| MemoryBus::new(session_buffer, None, metrics.clone()));
         let shared = Arc::new(Shared {
-            history_filled: std::sync::atomic::AtomicBool::new(history.capacity() == 0),
+            history_filled: watch::Sender::new(history.capacity() == 0),
             history,
             stream_next: std::sync::Mutex::new(None),
             stream_reads: tokio::sync::Semaphore::new(STREAM_READS),
@@ -397,6 +400,7 @@ impl RabbitBus {
         if history.capacity() == 0 {
             return Ok((Vec::new(), false));
         }
+        self.history_filled(HISTORY_FILL_WAIT).await?;
         // Where the stream must be read from (exclusive end), and what the window gave.
         let (newer, read_before) = match history.page(limit, before) {
             Some(page) if page.entries.len() >= limit || page.more_in_window => {
@@ -435,6 +439,17 @@ impl RabbitBus {
         }
         frames.extend(newer.into_iter().map(|e| e.frame));
         Ok((frames, more))
+    }
+
+    /// Waits (at most `bound`) until the window holds the stream's end as it was at start-up:
+    /// before that, history looks shorter than it is, and a resuming session would be told of
+    /// a gap that does not exist.
+    pub async fn history_filled(&self, bound: Duration) -> Result<(), BusError> {
+        let mut filled = self.0.history_filled.subscribe();
+        match tokio::time::timeout(bound, filled.wait_for(|filled| *filled)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(BusError::Unavailable("the history is still loading from the broker".into())),
+        }
     }
 
     /// A place among the [`STREAM_READS`] reads of the stream allowed at once.
@@ -578,7 +593,7 @@ async fn open_when_sessions_are_bound(shared: Arc<Shared>, link: Arc<Link>) {
     let started = Instant::now();
     let behind = || {
         let sessions = shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let filling = usize::from(!shared.history_filled.load(Relaxed));
+        let filling = usize::from(!*shared.history_filled.borrow());
         sessions.values().filter(|s| s.generation.load(Relaxed) < link.generation).count() + filling
     };
     loop {

@@ -11,10 +11,7 @@
 //! stream's last chunk, which exists now), and takes the first offset it sees there as the tail.
 //! Markers carry the header `x-fanout-chat-marker`; every reader here skips them.
 
-use std::{
-    sync::{Arc, atomic::Ordering::Relaxed},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
@@ -113,7 +110,7 @@ pub(super) async fn follow(
         }
     };
     if tail.is_none() {
-        shared.history_filled.store(true, Relaxed);
+        shared.history_filled.send_replace(true);
     }
     let channel = connection.create_channel().await.map_err(|e| e.to_string())?;
     let mut consumer = consume(&channel, &stream, offset_value(start)).await.map_err(|e| e.to_string())?;
@@ -131,7 +128,7 @@ pub(super) async fn follow(
                 }
                 *next = Some(offset + 1);
             }
-            if tail.is_some_and(|t| offset >= t) && !shared.history_filled.swap(true, Relaxed) {
+            if tail.is_some_and(|t| offset >= t) && !shared.history_filled.send_replace(true) {
                 tracing::info!(offset, "history window filled from the stream");
             }
             if let Some(entry) = into_entry(delivery, offset, shared.max_frame_bytes) {
