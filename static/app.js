@@ -2,12 +2,18 @@
 //
 // Sending goes over POST /messages; receiving goes over the /ws WebSocket,
 // which delivers every message exactly once per session (including our own).
+// On load the page shows recent history (GET /messages) and then opens the
+// socket with ?since=<newest id shown>, so the server replays whatever was
+// published in between; every reconnect resumes the same way.
 // Server settings arrive through data-* attributes on <body> because the CSP
 // forbids inline scripts.
 (() => {
   "use strict";
 
   const NAME_KEY = "fanout-chat.name";
+  const LAST_ID_KEY = "fanout-chat.last-id"; // sessionStorage: per tab, survives a reload
+  const PAGE_SIZE = 50; // messages per GET /messages page
+  const HISTORY_TIMEOUT_MS = 10000;
   const MAX_DOM_ITEMS = 500; // rendered messages + notices kept in the log
   const MAX_REMEMBERED_IDS = 1000; // must exceed MAX_DOM_ITEMS so dedup outlives the DOM
   const NEAR_BOTTOM_PX = 40;
@@ -27,6 +33,7 @@
     statusLabel: document.querySelector("#status .status-label"),
     statusSuffix: document.querySelector("#status .status-suffix"),
     list: $("messages"),
+    loadOlder: $("load-older"),
     empty: $("empty"),
     curl: $("curl-example"),
     jump: $("jump"),
@@ -41,16 +48,19 @@
   const encoder = new TextEncoder();
   const timeFormat = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
   const fullFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" });
+  const dayFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
   const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
   const baseTitle = document.title;
 
   // ---------------------------------------------------------------- helpers
 
   // Sets iterate in insertion order, so deleting the first entry evicts the
-  // oldest id and keeps memory bounded in long sessions.
+  // oldest id and keeps memory bounded in long sessions. The bound grows with
+  // the log (older pages can push it past MAX_DOM_ITEMS), so dedup always
+  // outlives the DOM.
   function remember(set, id) {
     set.add(id);
-    if (set.size > MAX_REMEMBERED_IDS) set.delete(set.values().next().value);
+    if (set.size > Math.max(MAX_REMEMBERED_IDS, logItems * 2)) set.delete(set.values().next().value);
   }
 
   function isEnvelope(value) {
@@ -83,6 +93,28 @@
     }
   }
 
+  function readLastId() {
+    try {
+      return sessionStorage.getItem(LAST_ID_KEY) || null;
+    } catch {
+      return null;
+    }
+  }
+
+  function storeLastId(id) {
+    try {
+      sessionStorage.setItem(LAST_ID_KEY, id);
+    } catch {
+      // A reload still shows recent history; only the fallback is lost.
+    }
+  }
+
+  // A time of day for today, with the date for anything older.
+  function formatWhen(date) {
+    const today = new Date().toDateString() === date.toDateString();
+    return today ? timeFormat.format(date) : dayFormat.format(date);
+  }
+
   // ---------------------------------------------------------------- status
 
   // Only the label is announced: the countdown suffix is aria-hidden so a
@@ -99,6 +131,12 @@
   const seenIds = new Set();
   const ownIds = new Set();
   let logItems = 0;
+  // How many items the log holds before the oldest are trimmed. Loading older
+  // pages raises it, so what the reader asked for is not trimmed from under
+  // them; it drops back once they return to the bottom.
+  let logCapacity = MAX_DOM_ITEMS;
+  let olderAvailable = false; // may the server have messages older than the oldest shown?
+  let loadingOlder = false;
   let pinned = true; // was the reader at the bottom at the last scroll event?
   let unread = 0;
 
@@ -127,22 +165,28 @@
   }
 
   function trimLog(stick) {
-    if (logItems <= MAX_DOM_ITEMS) return;
+    if (logItems <= logCapacity) return;
     const heightBefore = ui.list.scrollHeight;
-    while (logItems > MAX_DOM_ITEMS) {
+    while (logItems > logCapacity) {
       const oldest = ui.list.querySelector(".msg, .notice");
       if (!oldest) break;
+      // What was trimmed can be loaded again.
+      if (oldest.classList.contains("msg")) olderAvailable = true;
       oldest.remove();
       logItems -= 1;
     }
+    updateLoadOlder();
     // Keep what the reader is looking at in place when content above it vanishes.
     if (!stick) ui.list.scrollTop -= heightBefore - ui.list.scrollHeight;
   }
 
-  function addNotice(text) {
+  // `detail` (the server's reason, say) goes in the tooltip: the sentence
+  // itself is written for the reader.
+  function addNotice(text, { detail = "", warn = false } = {}) {
     const p = document.createElement("p");
-    p.className = "notice";
+    p.className = warn ? "notice notice-warn" : "notice";
     p.textContent = text;
+    if (detail) p.title = detail;
     appendToLog(p, { counts: false });
   }
 
@@ -151,10 +195,7 @@
     if (el) el.classList.add("own");
   }
 
-  function renderEnvelope(env) {
-    if (seenIds.has(env.id)) return;
-    remember(seenIds, env.id);
-
+  function buildMessage(env) {
     const own = ownIds.has(env.id);
     const item = document.createElement("article");
     item.className = own ? "msg own" : "msg";
@@ -187,9 +228,21 @@
     text.textContent = env.text;
 
     item.append(user, time, text);
+    return item;
+  }
+
+  // A message that arrived (live, replayed after a reconnect, or our own):
+  // it goes at the bottom and counts as unread in a background tab.
+  function renderEnvelope(env) {
+    if (seenIds.has(env.id)) return;
+    remember(seenIds, env.id);
+
+    const own = ownIds.has(env.id);
+    const item = buildMessage(env);
     ui.empty.hidden = true;
     // Your own message always scrolls into view: you just sent it.
     appendToLog(item, { forceScroll: own });
+    updateLoadOlder();
 
     if (document.hidden && !own) {
       unread += 1;
@@ -197,11 +250,103 @@
     }
   }
 
+  // A page of history (oldest first) goes above everything shown: it is older
+  // than what the socket delivered. Ids already in the log are skipped, but
+  // not ids merely remembered: a message trimmed from the top comes back this
+  // way. `hasMore`: whether the server has older ones still.
+  function prependMessages(envelopes, hasMore) {
+    const shown = (id) => ui.list.querySelector(`.msg[data-id="${CSS.escape(id)}"]`) !== null;
+    const fragment = document.createDocumentFragment();
+    let added = 0;
+    for (const env of envelopes) {
+      if (shown(env.id)) continue;
+      remember(seenIds, env.id);
+      const item = buildMessage(env);
+      item.classList.add("is-history"); // no arrival animation for a whole page
+      fragment.append(item);
+      added += 1;
+    }
+    // Keep what the reader is looking at in place: the distance from the
+    // bottom is what does not change when content is added above (the button
+    // hiding itself included).
+    const stick = pinned || isNearBottom();
+    const fromBottom = ui.list.scrollHeight - ui.list.scrollTop;
+    ui.loadOlder.after(fragment);
+    logItems += added;
+    logCapacity = Math.max(logCapacity, logItems);
+    if (added > 0) ui.empty.hidden = true;
+    // A page with nothing new would leave a button that never gets further.
+    olderAvailable = hasMore && added > 0;
+    updateLoadOlder();
+    if (stick) scrollToBottom();
+    else ui.list.scrollTop = ui.list.scrollHeight - fromBottom;
+  }
+
+  function updateLoadOlder() {
+    ui.loadOlder.hidden = !(olderAvailable && ui.list.querySelector(".msg"));
+  }
+
+  function setLoadOlderLabel(text, busy) {
+    ui.loadOlder.textContent = text;
+    // aria-disabled rather than disabled: a disabled button drops keyboard focus.
+    ui.loadOlder.setAttribute("aria-disabled", String(busy));
+    ui.list.setAttribute("aria-busy", String(busy));
+  }
+
+  // GET /messages: `{ messages, hasMore }`, or null when the server could not
+  // be asked or did not answer with a page.
+  async function fetchPage(params = {}) {
+    const query = new URLSearchParams({ limit: String(PAGE_SIZE), ...params });
+    const abort = new AbortController();
+    const timeout = setTimeout(() => abort.abort(), HISTORY_TIMEOUT_MS);
+    try {
+      const res = await fetch(`/messages?${query}`, {
+        headers: { Accept: "application/json" },
+        cache: "no-store",
+        signal: abort.signal,
+      });
+      if (!res.ok) return null;
+      const data = await res.json();
+      if (data === null || typeof data !== "object" || !Array.isArray(data.messages)) return null;
+      return { messages: data.messages.filter(isEnvelope), hasMore: data.has_more === true };
+    } catch {
+      return null;
+    } finally {
+      clearTimeout(timeout);
+    }
+  }
+
+  async function loadOlder() {
+    const oldest = ui.list.querySelector(".msg");
+    if (loadingOlder || !oldest) return;
+    loadingOlder = true;
+    setLoadOlderLabel("Loading older messages…", true);
+    const page = await fetchPage({ before: oldest.dataset.id });
+    loadingOlder = false;
+    if (page === null) {
+      setLoadOlderLabel("Could not load older messages. Try again", false);
+      return;
+    }
+    setLoadOlderLabel("Load older messages", false);
+    prependMessages(page.messages, page.hasMore);
+    // The button hides itself at the start of history; hand focus to the log
+    // rather than <body>.
+    if (ui.loadOlder.hidden && document.activeElement === document.body) {
+      ui.list.focus({ preventScroll: true });
+    }
+  }
+
+  ui.loadOlder.addEventListener("click", loadOlder);
+
   ui.list.addEventListener(
     "scroll",
     () => {
       pinned = isNearBottom();
-      if (pinned) ui.jump.hidden = true;
+      if (pinned) {
+        ui.jump.hidden = true;
+        // Back at the newest: the older pages may be trimmed again.
+        logCapacity = MAX_DOM_ITEMS;
+      }
     },
     { passive: true },
   );
@@ -225,12 +370,39 @@
   let openedAt = 0;
   let retryTimer = 0;
   let countdownTimer = 0;
-  let welcomedBefore = false;
+  let starting = false; // the history fetch that precedes a socket is under way
   let suspended = false; // page is in the back/forward cache
+  // The id of the newest message the socket delivered (or the history page
+  // ended with): every socket resumes after it. Ids rendered from a POST
+  // answer do not move it, as the socket may still owe us messages published
+  // just before ours.
+  let cursor = null;
+
+  function advanceCursor(id) {
+    cursor = id;
+    storeLastId(id);
+  }
 
   function socketUrl() {
     const scheme = location.protocol === "https:" ? "wss:" : "ws:";
-    return `${scheme}//${location.host}/ws`;
+    const since = cursor === null ? "" : `?since=${encodeURIComponent(cursor)}`;
+    return `${scheme}//${location.host}/ws${since}`;
+  }
+
+  // The newest page of history, shown before the socket opens. Without it
+  // (the server unreachable, or too old to keep history) the socket resumes
+  // after what this tab showed before a reload, if it showed anything.
+  async function loadLatest() {
+    const page = await fetchPage();
+    if (page === null) {
+      cursor ??= readLastId();
+      olderAvailable = true; // unknown: let the reader ask
+      updateLoadOlder();
+      return;
+    }
+    prependMessages(page.messages, page.hasMore);
+    const newest = page.messages.at(-1);
+    if (newest) advanceCursor(newest.id);
   }
 
   function cancelRetry() {
@@ -240,10 +412,22 @@
     countdownTimer = 0;
   }
 
-  function connect() {
+  async function connect() {
     cancelRetry();
-    if (socket || suspended) return;
+    if (socket || suspended || starting) return;
     setStatus("connecting", "Connecting…");
+
+    // Nothing to resume after yet: what the socket would not replay comes
+    // from history instead. Once anything was shown, ?since= covers the rest.
+    if (cursor === null) {
+      starting = true;
+      try {
+        await loadLatest();
+      } finally {
+        starting = false;
+      }
+      if (socket || suspended) return;
+    }
 
     let ws;
     try {
@@ -308,7 +492,10 @@
     if (frame === null || typeof frame !== "object") return;
 
     if (!("type" in frame)) {
-      if (isEnvelope(frame)) renderEnvelope(frame);
+      if (isEnvelope(frame)) {
+        renderEnvelope(frame);
+        advanceCursor(frame.id);
+      }
       return;
     }
 
@@ -321,11 +508,8 @@
           .filter(Boolean)
           .join(", ");
         setStatus("connected", "Connected", "", detail);
-        // There is no history replay, so be honest about the hole.
-        if (welcomedBefore) {
-          addNotice("Reconnected. Messages sent while this page was disconnected are not shown.");
-        }
-        welcomedBefore = true;
+        // What was missed while away follows as ordinary messages (or a
+        // replay gap notice first when the server no longer has all of it).
         break;
       }
       case "interrupted":
@@ -340,11 +524,25 @@
         setStatus("connected", "Connected");
         break;
       case "gap": {
+        // `replay_from` (even null) marks the answer to ?since=; a gap without
+        // it is this session falling behind, or one oversized message.
+        if ("replay_from" in frame) {
+          addNotice(replayGapSentence(frame.replay_from), {
+            detail: typeof frame.reason === "string" ? frame.reason : "",
+            warn: true,
+          });
+          break;
+        }
         const missed = Number(frame.missed);
-        addNotice(
+        const count =
           Number.isInteger(missed) && missed > 0
-            ? `${missed} ${plural(missed, "message was", "messages were")} skipped because this connection fell behind`
-            : "Some messages were skipped because this connection fell behind",
+            ? `${missed} ${plural(missed, "message was", "messages were")}`
+            : "Some messages were";
+        // The server gives a reason when it skipped a message too large to send.
+        addNotice(
+          typeof frame.reason === "string" && frame.reason
+            ? `${count} skipped (${frame.reason})`
+            : `${count} skipped because this connection fell behind`,
         );
         break;
       }
@@ -355,6 +553,16 @@
         // Unknown frame types are ignored so the server can add new ones.
         break;
     }
+  }
+
+  // The server could not replay all that this page missed: say so, and from
+  // when the replay starts.
+  function replayGapSentence(from) {
+    const when = from && typeof from.ts === "string" ? new Date(from.ts) : null;
+    if (when && !Number.isNaN(when.getTime())) {
+      return `Some earlier messages are no longer available; showing from ${formatWhen(when)}.`;
+    }
+    return "Messages sent while this page was disconnected are no longer available.";
   }
 
   window.addEventListener("online", reconnectNow);

@@ -159,6 +159,66 @@ impl Page {
         serde_json::from_value(value).unwrap()
     }
 
+    /// The texts of the messages shown, oldest first.
+    pub async fn texts(&self) -> Vec<String> {
+        self.messages().await.into_iter().map(|m| m.text).collect()
+    }
+
+    /// The notices shown in the message list (gaps, skipped messages), oldest first.
+    pub async fn notices(&self) -> Vec<String> {
+        let value =
+            self.eval("[...document.querySelectorAll('#messages .notice')].map(n => n.textContent)").await;
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// Waits until exactly `count` messages show.
+    pub async fn wait_for_count(&self, count: usize) {
+        self.wait_until(
+            &format!("{count} messages to show"),
+            &format!("document.querySelectorAll('#messages .msg').length === {count}"),
+        )
+        .await;
+    }
+
+    /// Whether the message list is scrolled to its end.
+    pub async fn at_bottom(&self) -> bool {
+        self.eval(
+            "(() => { const m = document.getElementById('messages');
+                return m.scrollHeight - m.scrollTop - m.clientHeight < 2; })()",
+        )
+        .await
+            == true
+    }
+
+    /// Scrolls the message list as a reader does, and waits until the page has seen the
+    /// scroll event.
+    pub async fn scroll_list_to(&self, top: i64) {
+        self.client
+            .execute_async(
+                "const [top, done] = arguments;
+                 const list = document.getElementById('messages');
+                 if (list.scrollTop === top) return done();
+                 list.addEventListener('scroll', () => setTimeout(done, 0), { once: true });
+                 list.scrollTop = top;",
+                vec![json!(top)],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Where the message with exactly `text` is, in pixels from the top of the viewport.
+    pub async fn top_of_message(&self, text: &str) -> f64 {
+        self.eval(&format!(
+            "[...document.querySelectorAll('#messages .msg')]
+                .find(m => m.querySelector('.msg-text').textContent === {})
+                .getBoundingClientRect().top",
+            json!(text)
+        ))
+        .await
+        .as_f64()
+        .unwrap()
+    }
+
     /// Waits until a message with exactly `text` shows, and returns it with the wait.
     pub async fn wait_for_message(&self, text: &str) -> (Shown, Duration) {
         let took = self

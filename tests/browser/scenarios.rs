@@ -1,9 +1,14 @@
 //! What people do with the page, each as a test.
 
-use lapin::{BasicProperties, options::BasicPublishOptions};
+use fantoccini::{Locator, key::Key};
+use lapin::{
+    BasicProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+};
 use serde_json::json;
 
 use crate::{
+    chaos::ChaosProxy,
     driver::{Driver, Page},
     helpers::{BusKind, TestApp, service, spawn_app, spawn_app_with, test_config},
 };
@@ -178,6 +183,8 @@ async fn the_status_follows_the_server_and_the_page_reconnects_by_itself() {
     let driver = Driver::start().await;
     let page = open(&driver, &app, DESKTOP).await;
     assert_eq!(page.eval("document.getElementById('status').textContent.trim()").await, "Connected");
+    app.post_text("before the restart").await;
+    page.wait_for_message("before the restart").await;
 
     app.stop().await;
     page.wait_for_state("reconnecting").await;
@@ -197,6 +204,8 @@ async fn the_status_follows_the_server_and_the_page_reconnects_by_itself() {
     page.wait_for_state("connected").await;
     app.post_text("back again").await;
     page.wait_for_message("back again").await;
+    // The new process resumed the page after its last message: nothing twice, nothing missing.
+    assert_eq!(page.texts().await, ["before the restart", "back again"]);
     page.screenshot("5-reconnected").await;
     page.close().await;
     app.stop().await;
@@ -349,6 +358,248 @@ async fn the_page_shows_when_delivery_is_interrupted_by_the_broker_and_when_it_i
     app.wait_until_ready().await;
     app.post_text("delivered again").await;
     page.wait_for_message("delivered again").await;
+    page.close().await;
+    app.stop().await;
+}
+
+/// Waits until the app's history (`GET /messages`) ends with `newest`: on RabbitMQ the window
+/// is filled from the history stream, a few milliseconds behind the publish.
+async fn wait_for_history(app: &TestApp, newest: &str) {
+    let deadline = std::time::Instant::now() + crate::helpers::WAIT;
+    loop {
+        let page: serde_json::Value =
+            app.http.get(app.url("/messages?limit=500")).send().await.unwrap().json().await.unwrap();
+        if page["messages"].as_array().and_then(|m| m.last()).is_some_and(|m| m["text"] == newest) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "GET /messages does not end with {newest:?}: {page}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+const LOAD_OLDER_HIDDEN: &str = "document.getElementById('load-older').hidden";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_opened_later_shows_what_was_said_before_in_order() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    app.post_json(json!({ "text": "Morning all, standup in 5", "user": "Ada" })).await;
+    app.post_json(json!({ "text": "On my way", "user": "Bob" })).await;
+    let service = service().await;
+    // With confirms, the publish below is on the broker before the next POST: the order is set.
+    service.channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
+    service
+        .channel
+        .basic_publish(
+            app.exchange().into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            b"Nightly build passed",
+            BasicProperties::default().with_app_id("ci".into()),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    app.post_json(json!({ "text": "Starting now" })).await;
+    wait_for_history(&app, "Starting now").await;
+    let earlier = ["Morning all, standup in 5", "On my way", "Nightly build passed", "Starting now"];
+
+    let driver = Driver::start().await;
+    let page = open(&driver, &app, DESKTOP).await;
+    page.wait_for_count(earlier.len()).await;
+    let shown = page.messages().await;
+    let texts: Vec<&str> = shown.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, earlier, "the earlier messages, oldest first");
+    let users: Vec<&str> = shown.iter().map(|m| m.user.as_str()).collect();
+    assert_eq!(users, ["Ada", "Bob", "ci", "anonymous"]);
+    assert!(shown.iter().all(|m| m.time.contains(':') && !m.own), "{shown:?}");
+    assert_eq!(page.eval(LOAD_OLDER_HIDDEN).await, true, "nothing older to load");
+    assert_eq!(page.eval("document.getElementById('empty').hidden").await, true, "no 'No messages yet'");
+    assert!(page.at_bottom().await);
+
+    // Live messages follow them, and nothing shows twice.
+    app.post_text("after the page opened").await;
+    page.wait_for_message("after the page opened").await;
+    let everything: Vec<String> =
+        earlier.iter().map(|t| t.to_string()).chain(["after the page opened".into()]).collect();
+    assert_eq!(page.texts().await, everything);
+    page.screenshot("11-history-on-load").await;
+
+    // A reload shows the same conversation, once.
+    page.open(&app.url("/")).await;
+    page.wait_for_count(everything.len()).await;
+    assert_eq!(page.texts().await, everything, "after a reload");
+
+    let phone = open(&driver, &app, PHONE).await;
+    phone.wait_for_count(everything.len()).await;
+    assert_eq!(phone.texts().await, everything, "at phone width");
+    phone.screenshot("11-history-on-load-phone").await;
+    phone.close().await;
+    page.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn older_messages_load_above_without_moving_what_the_reader_sees() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    let text = |n: usize| format!("message {n:03}");
+    for n in 1..=120 {
+        app.post_text(&text(n)).await;
+    }
+    wait_for_history(&app, &text(120)).await;
+    let range = |from: usize| (from..=120).map(text).collect::<Vec<_>>();
+
+    let driver = Driver::start().await;
+    let page = open(&driver, &app, DESKTOP).await;
+    page.wait_for_count(50).await;
+    assert_eq!(page.texts().await, range(71), "the newest 50, oldest first");
+    assert!(page.at_bottom().await, "the newest message is in view");
+    assert_eq!(page.eval(LOAD_OLDER_HIDDEN).await, false, "older messages are offered");
+
+    // The reader scrolls to the top and clicks the button.
+    page.scroll_list_to(0).await;
+    page.screenshot("12-load-older-button").await;
+    let before = page.top_of_message(&text(71)).await;
+    page.client.find(Locator::Id("load-older")).await.unwrap().click().await.unwrap();
+    page.wait_for_count(100).await;
+    assert_eq!(page.texts().await, range(21), "the older page above, in order");
+    let after = page.top_of_message(&text(71)).await;
+    assert!((after - before).abs() < 2.0, "what the reader was looking at stays put: {before} → {after}");
+    assert_eq!(page.eval(LOAD_OLDER_HIDDEN).await, false, "still more to load");
+    page.screenshot("12-load-older-first-page").await;
+
+    // The rest by keyboard: Tab from the message list reaches the button, Enter presses it.
+    page.eval("document.getElementById('messages').focus() || true").await;
+    page.client.active_element().await.unwrap().send_keys(&Key::Tab.to_string()).await.unwrap();
+    assert_eq!(page.eval("document.activeElement.id").await, "load-older");
+    let before = page.top_of_message(&text(21)).await;
+    page.client.active_element().await.unwrap().send_keys(&Key::Enter.to_string()).await.unwrap();
+    page.wait_for_count(120).await;
+    assert_eq!(page.texts().await, range(1), "the whole conversation, in order");
+    page.wait_until("the button to go at the start of the conversation", LOAD_OLDER_HIDDEN).await;
+    let after = page.top_of_message(&text(21)).await;
+    assert!((after - before).abs() < 2.0, "what the reader was looking at stays put: {before} → {after}");
+    assert_eq!(page.eval("document.activeElement.id").await, "messages", "focus stays in the list");
+    page.scroll_list_to(0).await;
+    page.screenshot("12-load-older-start").await;
+
+    // A new message still arrives at the bottom, once.
+    app.post_text("new at the end").await;
+    page.wait_for_message("new at the end").await;
+    assert_eq!(page.texts().await.len(), 121);
+
+    // At phone width the button fits, and works by touch.
+    let phone = open(&driver, &app, PHONE).await;
+    phone.wait_for_count(50).await;
+    phone.scroll_list_to(0).await;
+    let fits = "(() => { const r = document.getElementById('load-older').getBoundingClientRect();
+        return r.width > 0 && r.left >= 0 && r.right <= window.innerWidth; })()";
+    assert_eq!(phone.eval(fits).await, true, "the button is fully on screen");
+    phone.screenshot("12-load-older-phone").await;
+    phone.client.find(Locator::Id("load-older")).await.unwrap().click().await.unwrap();
+    phone.wait_for_count(100).await;
+    let newest_hundred: Vec<String> = (22..=120).map(text).chain(["new at the end".to_owned()]).collect();
+    assert_eq!(phone.texts().await, newest_hundred);
+    phone.close().await;
+    page.close().await;
+    app.stop().await;
+}
+
+/// The page's traffic goes through a proxy of the test's own, so its network can drop while
+/// the app goes on serving everyone else.
+async fn open_through(driver: &Driver, proxy: &ChaosProxy, size: (u32, u32), flags: &[&str]) -> Page {
+    let page = driver.browser_with(size, flags).await;
+    page.open(&format!("http://127.0.0.1:{}/", proxy.port())).await;
+    page
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_network_drop_the_page_shows_exactly_what_it_missed() {
+    let app = spawn_app(BusKind::Rabbit).await;
+    let proxy = ChaosProxy::start(app.addr).await;
+    let driver = Driver::start().await;
+    let page = open_through(&driver, &proxy, DESKTOP, &[]).await;
+    app.post_text("before the drop").await;
+    page.wait_for_message("before the drop").await;
+
+    proxy.cut().await;
+    page.wait_for_state("reconnecting").await;
+    let mut missed = Vec::new();
+    for text in ["missed one", "missed two", "missed three"] {
+        missed.push(app.post_text(text).await["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(page.texts().await, ["before the drop"], "nothing arrives while the network is down");
+    page.screenshot("13-network-down").await;
+
+    proxy.restore().await;
+    page.wait_for_state("connected").await;
+    page.wait_for_count(4).await;
+    let shown = page.messages().await;
+    let texts: Vec<&str> = shown.iter().map(|m| m.text.as_str()).collect();
+    assert_eq!(texts, ["before the drop", "missed one", "missed two", "missed three"]);
+    let ids: Vec<&str> = shown[1..].iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, missed, "the very messages that were posted");
+    assert_eq!(page.notices().await, Vec::<String>::new(), "nothing is reported missing");
+
+    // Live again, with no second copy of anything replayed.
+    app.post_text("live again").await;
+    page.wait_for_message("live again").await;
+    assert_eq!(
+        page.texts().await,
+        ["before the drop", "missed one", "missed two", "missed three", "live again"]
+    );
+    page.screenshot("13-caught-up").await;
+    page.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_away_longer_than_the_history_kept_says_what_is_gone() {
+    let mut config = test_config(BusKind::Memory);
+    config.history_window = 5;
+    let app = spawn_app_with(config).await;
+    let proxy = ChaosProxy::start(app.addr).await;
+    let driver = Driver::start().await;
+    let dark = ["--force-dark-mode", "--blink-settings=preferredColorScheme=0"];
+    let page = open_through(&driver, &proxy, DESKTOP, &dark).await;
+    app.post_text("seen before the drop").await;
+    page.wait_for_message("seen before the drop").await;
+
+    proxy.cut().await;
+    page.wait_for_state("reconnecting").await;
+    for n in 1..=8 {
+        app.post_text(&format!("away {n}")).await;
+    }
+    proxy.restore().await;
+    page.wait_for_state("connected").await;
+    page.wait_for_message("away 8").await;
+    let expected = ["seen before the drop", "away 4", "away 5", "away 6", "away 7", "away 8"];
+    assert_eq!(page.texts().await, expected, "the server keeps the last 5: those are shown");
+    let (first_replayed, _) = page.wait_for_message("away 4").await;
+    let notices = page.notices().await;
+    assert_eq!(notices.len(), 1, "{notices:?}");
+    assert!(
+        notices[0].contains("no longer available") && notices[0].contains(&first_replayed.time),
+        "the notice says some are gone, and from when the page shows: {notices:?}"
+    );
+    // The notice sits between what was seen and what was replayed.
+    let order = page
+        .eval(
+            "[...document.querySelectorAll('#messages .msg, #messages .notice')]
+                .map(e => e.classList.contains('notice') ? 'notice' : e.querySelector('.msg-text').textContent)",
+        )
+        .await;
+    assert_eq!(
+        order,
+        json!(["seen before the drop", "notice", "away 4", "away 5", "away 6", "away 7", "away 8"])
+    );
+    page.screenshot("14-replay-gap-dark").await;
+
+    let phone = open_through(&driver, &proxy, PHONE, &dark).await;
+    phone.wait_for_count(5).await;
+    assert_eq!(phone.texts().await, expected[1..], "a new page shows the history kept");
+    phone.screenshot("14-history-dark-phone").await;
+    phone.close().await;
     page.close().await;
     app.stop().await;
 }
