@@ -36,6 +36,8 @@ use super::{Ack, Event, Frame, Live};
 /// this (a stalled stream reader) the session takes its queue as it is: nothing is lost, at
 /// worst a message arrives twice.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How many of the last delivered messages a catch-up recognises as already sent.
+const RECENT_KEYS: usize = 16;
 /// An id this young may not have reached the window yet; see [`History::wait_for_recent`].
 const RECENT: Duration = Duration::from_secs(10);
 
@@ -143,10 +145,13 @@ impl History {
         }
         let mut window = self.window();
         let seq = window.first_seq + window.entries.len() as u64;
-        window.by_id.insert(new.id.clone(), seq);
+        // An id seen again (another service's identical notification, with a derived id) keeps
+        // pointing at its oldest copy: a session resuming after it then gets the later copy
+        // again rather than missing what came between the two.
+        window.by_id.entry(new.id.clone()).or_insert(seq);
         window.by_key.insert(new.frame.key(), seq);
         if let Some(random) = random_part(&new.id) {
-            window.by_random.insert(random, seq);
+            window.by_random.entry(random).or_insert(seq);
         }
         window.entries.push_back(Entry {
             seq,
@@ -177,6 +182,16 @@ impl History {
         self.0.next_seq.send_replace(seq + 1);
     }
 
+    /// Drops every entry (the stream they came from is gone); sequence numbers go on.
+    pub fn clear(&self) {
+        let mut window = self.window();
+        window.first_seq += window.entries.len() as u64;
+        window.entries.clear();
+        window.by_id.clear();
+        window.by_key.clear();
+        window.by_random.clear();
+    }
+
     /// The entry at `seq`: `Ok(None)` when it is not there yet, `Err(first)` when it already
     /// left the window, whose oldest entry is now `first`.
     fn get(&self, seq: u64) -> Result<Option<Entry>, u64> {
@@ -199,7 +214,7 @@ impl History {
         let end = match before {
             None => window.entries.len(),
             Some(id) => {
-                let seq = *window.by_id.get(id)?;
+                let seq = *window.by_id.get(id).or_else(|| window.by_random.get(&random_part(id)?))?;
                 usize::try_from(seq - window.first_seq).ok()?
             }
         };
@@ -243,11 +258,13 @@ impl History {
 
     /// Where a session that last saw `since` starts.
     ///
-    /// - `since` is in the window: the entry after it.
-    /// - `since` is a ULID (every id this app makes is one) from within the window's time span
-    ///   but not in it (a foreign message that another replica named differently): the first
-    ///   entry newer than its time.
-    /// - Otherwise (older than the window, or unknown): the oldest entry, with a gap.
+    /// - `since` is in the window (by id, or by the random part of a ULID, which is what
+    ///   identifies another service's message without a `message_id`): the entry after it.
+    /// - Otherwise (older than the window, or unknown): the oldest entry, with a gap. On
+    ///   RabbitMQ the caller then looks for `since` in the stream, before the window.
+    ///
+    /// (Times are not used to guess a position: ids made in the same millisecond as the
+    /// window's oldest entry may be older than it.)
     pub fn start_after(&self, since: &str) -> Start {
         let window = self.window();
         let next = window.first_seq + window.entries.len() as u64;
@@ -259,29 +276,18 @@ impl History {
         {
             return Start { seq: seq + 1, gap: None };
         }
-        let older =
-            "the last message seen is older than the history kept; replay starts at the oldest message kept";
-        let Some(oldest) = window.entries.front() else {
+        if window.entries.is_empty() {
             return Start { seq: next, gap: Some("the last message seen is not in the history") };
-        };
-        match ulid::Ulid::from_string(since).map(|u| i64::try_from(u.timestamp_ms()).unwrap_or(i64::MAX)) {
-            Ok(millis) if millis >= oldest.ts_millis => {
-                let seq = window.entries.iter().find(|e| e.ts_millis > millis).map_or(next, |e| e.seq);
-                Start { seq, gap: None }
-            }
-            Ok(_) => Start { seq: window.first_seq, gap: Some(older) },
-            Err(_) => Start {
-                seq: window.first_seq,
-                gap: Some(
-                    "the last message seen is not in the history; replay starts at the oldest message kept",
-                ),
-            },
         }
+        let reason = match ulid::Ulid::from_string(since) {
+            Ok(_) => {
+                "the last message seen is older than the history kept; replay starts at the oldest message kept"
+            }
+            Err(_) => "the last message seen is not in the history; replay starts at the oldest message kept",
+        };
+        Start { seq: window.first_seq, gap: Some(reason) }
     }
 
-    /// A subscription that first replays `older` (messages from before the window, read from
-    /// the history stream), then the window from `start`, then hands over to `live` (see the
-    /// module docs).
     /// A subscription that delivers from `live` and, after a broker outage, replays from the
     /// window what the session missed while its queue was gone.
     pub fn follow(&self, live: Live) -> Resume {
@@ -306,6 +312,9 @@ impl History {
             cursor: start.seq,
             start_seq: start.seq,
             last_key: None,
+            last_next: start.seq,
+            recent: [0; RECENT_KEYS],
+            recent_at: 0,
             live,
             // With history off there is nothing to replay, nor anything to wait for.
             phase: if self.0.capacity == 0 { Phase::Live } else { Phase::Replay { pending: None } },
@@ -326,6 +335,13 @@ pub struct Resume {
     start_seq: u64,
     /// The key of the last message this session got: the catch-up point after an outage.
     last_key: Option<u64>,
+    /// The window's next sequence number when that message was delivered: the catch-up point
+    /// if the message is not (or not yet) in the window.
+    last_next: u64,
+    /// Keys of the last messages delivered: a catch-up that starts a little early (see
+    /// `catch_up`) skips these instead of sending them twice.
+    recent: [u64; RECENT_KEYS],
+    recent_at: usize,
     live: Live,
     phase: Phase,
     /// Sent first: why some of what the session asked for cannot be replayed.
@@ -353,7 +369,12 @@ impl Resume {
     pub async fn next(&mut self) -> Option<Event> {
         let event = self.next_event().await;
         match &event {
-            Some(Event::Message(frame, _)) => self.last_key = Some(frame.key()),
+            Some(Event::Message(frame, _)) => {
+                self.last_key = Some(frame.key());
+                self.last_next = *self.changes.borrow();
+                self.recent[self.recent_at % RECENT_KEYS] = frame.key();
+                self.recent_at += 1;
+            }
             // The session's queue is back after an outage, but what was published meanwhile
             // never reached it (the old queue went with the connection): replay that from the
             // window, and hand over to the new queue as a resuming session does.
@@ -364,20 +385,14 @@ impl Resume {
     }
 
     fn catch_up(&mut self) {
-        let after_last = self.last_key.map(|key| self.history.seq_of_key(key).map(|seq| seq + 1));
-        self.cursor = match after_last {
-            Some(Some(seq)) => seq,
+        // After the last message it got, found by its key; if the window does not have that
+        // one (yet: its reader may lag the queue), from where the window was when it came,
+        // which may repeat a few messages but skips none. A point that already left the
+        // window shows as a gap with its count (see `Phase::Replay`).
+        self.cursor = match self.last_key.and_then(|key| self.history.seq_of_key(key)) {
+            Some(seq) => seq + 1,
+            None if self.last_key.is_some() => self.last_next,
             None => self.start_seq,
-            Some(None) => {
-                // The last message it got already left the window: replay what is there.
-                let oldest = self.history.oldest();
-                self.notice = Some(Event::ReplayGap {
-                    reason: "more was published during the broker outage than the history window holds; \
-                             replay starts at the oldest message kept",
-                    replay_from: oldest.as_ref().map(|e| (e.id.to_string(), e.ts_millis)),
-                });
-                oldest.map_or(self.start_seq, |e| e.seq)
-            }
         };
         tracing::debug!(cursor = self.cursor, "catching up from the history window after an outage");
         self.phase = Phase::Replay { pending: None };
@@ -415,14 +430,21 @@ impl Resume {
                                 self.phase = Phase::Skip { until: self.cursor };
                                 return Some(Event::Duplicate(ack));
                             }
-                            _ if held.since.elapsed() > HANDOVER_TIMEOUT => {
+                            _ if held.since.elapsed() >= HANDOVER_TIMEOUT => {
+                                // What the window has not reached yet was published before
+                                // the queue was bound: this session may not get it. Say so.
                                 tracing::warn!(
                                     "the history window did not catch up with the session's queue; \
                                      continuing from the queue"
                                 );
                                 let held = pending.take()?;
                                 self.phase = Phase::Live;
-                                return Some(Event::Message(held.frame, held.ack));
+                                self.notice = Some(Event::Message(held.frame, held.ack));
+                                return Some(Event::ReplayGap {
+                                    reason: "the history could not be replayed in time; messages sent just \
+                                             before this point may be missing",
+                                    replay_from: None,
+                                });
                             }
                             _ => {}
                         }
@@ -432,6 +454,9 @@ impl Resume {
                     match self.history.get(self.cursor) {
                         Ok(Some(entry)) => {
                             self.cursor += 1;
+                            if self.recent_at > 0 && self.recent.contains(&entry.frame.key()) {
+                                continue; // Delivered by the queue just before an outage.
+                            }
                             return Some(Event::Message(entry.frame, None));
                         }
                         Err(first) => {
@@ -513,9 +538,12 @@ mod tests {
         let gone = history.start_after(&ids[0]);
         assert_eq!(gone.seq, 1);
         assert!(gone.gap.is_some(), "older than the window");
-        // A ULID not in the window but within its time span resumes by time.
+        // Another reader's id for the same foreign message: the same random part.
+        let same = ulid::Ulid::from_parts(2999, 3).to_string();
+        assert_eq!(history.start_after(&same), Start { seq: 3, gap: None });
+        // A ULID not in the window, even from within its time span, is a gap (no guessing).
         let between = ulid::Ulid::from_parts(2500, 7).to_string();
-        assert_eq!(history.start_after(&between), Start { seq: 2, gap: None });
+        assert!(history.start_after(&between).gap.is_some());
         assert!(history.start_after("not-an-id").gap.is_some());
         assert!(History::new(0).start_after(&ids[3]).gap.is_some(), "history off");
     }

@@ -74,6 +74,8 @@ const STABLE_LINK: Duration = Duration::from_secs(30);
 pub const HISTORY_FILL_WAIT: Duration = Duration::from_secs(5);
 /// Reads of the history stream on demand that may run at once, per process.
 const STREAM_READS: usize = 8;
+/// How long a read of the stream waits for its turn before it is answered 503.
+const STREAM_READ_WAIT: Duration = Duration::from_secs(2);
 /// How long a clean close of a connection may take at shutdown.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -97,6 +99,9 @@ struct Shared {
     sessions: std::sync::Mutex<HashMap<String, Arc<SessionEntry>>>,
     /// The window of recent messages, filled from the history stream (capacity 0: no stream).
     history: History,
+    /// In `process` fan-out mode: the sessions were told of an outage, and the next process
+    /// queue must tell them `restored` before it hands them anything.
+    process_restored: std::sync::atomic::AtomicBool,
     /// Bounds the reads of the stream made on demand (history pages, long replays), each a
     /// consumer on the broker: a flood of requests for old history cannot pile them up.
     stream_reads: tokio::sync::Semaphore,
@@ -140,7 +145,7 @@ struct Link {
     pool: Mutex<Vec<Arc<Slot>>>,
     /// Notified by whoever finds the link broken in a way the connections do not report
     /// (the publishing channel closed by a channel error).
-    broken: Notify,
+    broken: Arc<Notify>,
 }
 
 /// A consumer channel and its share of sessions.
@@ -178,6 +183,7 @@ impl RabbitBus {
             history_filled: watch::Sender::new(history.capacity() == 0),
             history,
             stream_next: std::sync::Mutex::new(None),
+            process_restored: std::sync::atomic::AtomicBool::new(false),
             stream_reads: tokio::sync::Semaphore::new(STREAM_READS),
             local,
             config,
@@ -413,11 +419,15 @@ impl RabbitBus {
                 (page.entries, before)
             }
             None => {
+                // Older than the window, or unknown.
                 let Some(id) = before else { return Ok((Vec::new(), false)) };
-                let _reading = self.stream_read()?;
+                let Some(until) = history.oldest().and_then(|e| e.offset) else {
+                    return Ok((Vec::new(), false));
+                };
+                let _reading = self.stream_read().await?;
                 let link = self.current_link()?;
                 let stream = &self.0.config.history.name;
-                let located = stream::locate(&link.connections[1], stream, self.0.max_frame_bytes, id)
+                let located = stream::locate(&link.connections[1], stream, self.0.max_frame_bytes, id, until)
                     .await
                     .map_err(BusError::Broker)?;
                 (Vec::new(), located)
@@ -426,7 +436,7 @@ impl RabbitBus {
         let mut frames = Vec::with_capacity(limit);
         let mut more = false;
         if let Some(offset) = read_before {
-            let _reading = self.stream_read()?;
+            let _reading = self.stream_read().await?;
             let link = self.current_link()?;
             let stream = &self.0.config.history.name;
             let wanted = limit - newer.len();
@@ -453,11 +463,11 @@ impl RabbitBus {
     }
 
     /// A place among the [`STREAM_READS`] reads of the stream allowed at once.
-    fn stream_read(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BusError> {
-        self.0
-            .stream_reads
-            .try_acquire()
-            .map_err(|_| BusError::Unavailable("too many reads of the history stream at once".into()))
+    async fn stream_read(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BusError> {
+        match tokio::time::timeout(STREAM_READ_WAIT, self.0.stream_reads.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(BusError::Unavailable("too many reads of the history stream at once".into())),
+        }
     }
 
     /// For a session resuming after `since`, which is older than the window: the messages
@@ -472,13 +482,13 @@ impl RabbitBus {
         let history = &self.0.history;
         let Some(window_start) = history.oldest().and_then(|e| e.offset) else { return (Vec::new(), start) };
         let Ok(link) = self.current_link() else { return (Vec::new(), start) };
-        let Ok(_reading) = self.stream_read() else {
+        let Ok(_reading) = self.stream_read().await else {
             tracing::warn!("too many history reads at once; a resuming session replays the window only");
             return (Vec::new(), start);
         };
         let stream = &self.0.config.history.name;
         let max = self.0.max_frame_bytes;
-        let located = match stream::locate(&link.connections[1], stream, max, since).await {
+        let located = match stream::locate(&link.connections[1], stream, max, since, window_start).await {
             Ok(Some(offset)) if offset < window_start => offset,
             Ok(_) => return (Vec::new(), start),
             Err(e) => {
@@ -533,9 +543,6 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                         shared.metrics.broker_reconnects.fetch_add(1, Relaxed);
                         shared.metrics.broker_last_outage_ms.store(outage_ms, Relaxed);
                         tracing::info!(outage_ms, generation, "broker link restored");
-                        if let Some(local) = &shared.local {
-                            local.send_notice(None);
-                        }
                     }
                     None => tracing::info!(
                         host = %config.host, port = config.port, exchange = %config.exchange,
@@ -562,6 +569,9 @@ async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkState>) {
                 lost_at = Some(Instant::now());
                 if let Some(local) = &shared.local {
                     local.send_notice(Some(reason.clone()));
+                    // The new process queue's task announces `restored` before its first
+                    // message, so sessions catch up from the right place.
+                    shared.process_restored.store(true, Relaxed);
                 }
                 state.send_replace(LinkState::Down(format!("broker link lost: {reason}")));
                 close_link(&link).await;
@@ -644,14 +654,15 @@ async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, Str
             }
         }
     }
-    match declare(shared, &connections).await {
+    let broken = Arc::new(Notify::new());
+    match declare(shared, &connections, &broken).await {
         Ok(publisher) => Ok(Arc::new(Link {
             generation,
             ready: std::sync::atomic::AtomicBool::new(false),
             publisher,
             connections,
             pool: Mutex::new(Vec::new()),
-            broken: Notify::new(),
+            broken,
         })),
         Err(reason) => {
             // Closed, not dropped: a dropped lapin connection stays open, and would keep
@@ -664,15 +675,14 @@ async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, Str
 
 /// Declares what a link needs on its fresh connections and starts its own consumers; returns
 /// the publishing channel.
-async fn declare(shared: &Arc<Shared>, connections: &[Connection]) -> Result<Channel, String> {
+async fn declare(
+    shared: &Arc<Shared>,
+    connections: &[Connection],
+    broken: &Arc<Notify>,
+) -> Result<Channel, String> {
     let config = &shared.config;
     declare_exchange(&connections[0], &config.exchange).await.map_err(|e| describe(config, &e))?;
     count_overflow(shared, &connections[1]).await.map_err(|e| describe(config, &e))?;
-    if let Some(local) = &shared.local {
-        consume_for_process(shared, local.clone(), &connections[1])
-            .await
-            .map_err(|e| describe(config, &e))?;
-    }
     let publisher = connections[0].create_channel().await.map_err(|e| describe(config, &e))?;
     publisher.confirm_select(ConfirmSelectOptions::default()).await.map_err(|e| describe(config, &e))?;
     if shared.history.capacity() > 0 {
@@ -684,7 +694,13 @@ async fn declare(shared: &Arc<Shared>, connections: &[Connection]) -> Result<Cha
                 config.history.name
             )
         })?;
-        stream::follow(shared, &connections[1], &publisher).await?;
+        stream::follow(shared, &connections[1], &publisher, broken.clone()).await?;
+    }
+    // Last: once it runs, sessions are told delivery is back (nothing after it can fail).
+    if let Some(local) = &shared.local {
+        consume_for_process(shared, local.clone(), &connections[1])
+            .await
+            .map_err(|e| describe(config, &e))?;
     }
     Ok(publisher)
 }
@@ -809,6 +825,12 @@ async fn consume_for_process(
         .await?;
     let max_frame_bytes = shared.max_frame_bytes;
     let metrics = shared.metrics.clone();
+    // After an outage, `restored` goes out before the new queue's first message, from the task
+    // that sends both: a session's catch-up starts after the last message it had before the
+    // outage, never after one of the new queue's.
+    if shared.process_restored.swap(false, Relaxed) {
+        local.send_notice(None);
+    }
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             let lapin::message::Delivery { data, properties, acker, .. } = delivery;

@@ -25,6 +25,8 @@ use lapin::{
     types::{AMQPValue, FieldTable, ShortString},
 };
 
+use tokio::sync::Notify;
+
 use super::{Shared, channel_error, decode};
 use crate::bus::history::NewEntry;
 
@@ -99,8 +101,10 @@ pub(super) async fn follow(
     shared: &Arc<Shared>,
     connection: &Connection,
     publisher: &Channel,
+    broken: Arc<Notify>,
 ) -> Result<(), String> {
     let stream = shared.config.history.name.clone();
+    let log_stream = stream.clone();
     let resume_at = *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
     let (start, tail) = match resume_at {
         Some(next) => (next, None),
@@ -134,6 +138,17 @@ pub(super) async fn follow(
             if let Some(entry) = into_entry(delivery, offset, shared.max_frame_bytes) {
                 shared.history.append(entry);
             }
+        }
+        // With the connection lost, the next link resumes where this one stopped. Otherwise
+        // the broker ended the consumer on a live channel: the stream was deleted (and may be
+        // declared again, starting over at offset 0). Rebuild the link, refilling the window
+        // from the new stream's end; a window that silently stopped growing would leave
+        // resuming sessions waiting on it.
+        if channel.status().connected() && !shared.shutdown.is_cancelled() {
+            tracing::warn!(stream = %log_stream, "the history stream's reader was stopped by the broker; rebuilding the link");
+            *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            shared.history.clear();
+            broken.notify_one();
         }
         drop(channel);
     });
@@ -212,13 +227,15 @@ pub(super) async fn read_before(
     }
 }
 
-/// Finds the offset of the message `id` by reading the stream from a second before the time
-/// in its ULID. `None`: not an id of ours, or no longer in the stream.
+/// Finds the offset of the message `id`, older than offset `until` (the window's oldest), by
+/// reading the stream from a second before the time in its ULID up to `until`. `None`: not an
+/// id of ours, or no longer in the stream. A read that does not finish in time is an error.
 pub(super) async fn locate(
     connection: &Connection,
     stream: &str,
     max_bytes: usize,
     id: &str,
+    until: u64,
 ) -> Result<Option<u64>, String> {
     let Ok(ulid) = ulid::Ulid::from_string(id) else { return Ok(None) };
     let millis = ulid.timestamp_ms();
@@ -229,14 +246,16 @@ pub(super) async fn locate(
         let mut found = None;
         while let Some(delivery) = consumer.next().await.transpose()? {
             let Some(offset) = stream_offset(&delivery) else { continue };
-            let _ = delivery.acker.ack(BasicAckOptions::default()).await;
-            let Some(entry) = into_entry(delivery, offset, max_bytes) else { continue };
-            if &*entry.id == id {
-                found = Some(offset);
-                break;
+            let _ = delivery.acker.ack(BasicAckOptions::default()).now_or_never();
+            if offset >= until {
+                break; // From here on the window has it all, and it was not there.
             }
-            // Ids are times: far enough past it, it is not coming.
-            if entry.ts_millis > i64::try_from(millis).unwrap_or(i64::MAX).saturating_add(10_000) {
+            let Some(entry) = into_entry(delivery, offset, max_bytes) else { continue };
+            // The random part too: another service's message without a timestamp has the time
+            // of whoever read it in its id.
+            let same_random = ulid::Ulid::from_string(&entry.id).is_ok_and(|u| u.random() == ulid.random());
+            if &*entry.id == id || same_random {
+                found = Some(offset);
                 break;
             }
         }
@@ -245,8 +264,7 @@ pub(super) async fn locate(
     };
     match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(result) => result.map_err(|e| format!("reading the history stream: {e}")),
-        // Reached the stream's end without finding it.
-        Err(_) => Ok(None),
+        Err(_) => Err("finding a message in the history stream took too long".into()),
     }
 }
 
