@@ -22,6 +22,8 @@ use crate::{chat::Envelope, metrics::Metrics};
 #[derive(Clone, Debug)]
 enum Item {
     Frame(Frame),
+    /// Messages every session missed (the process queue dropped them).
+    Missed(u64),
     Interrupted(String),
     Restored,
 }
@@ -67,6 +69,11 @@ impl MemoryBus {
         let _ = self.sender.send(Item::Frame(frame));
     }
 
+    /// Tells every session it missed `count` messages.
+    pub fn send_gap(&self, count: u64) {
+        let _ = self.sender.send(Item::Missed(count));
+    }
+
     /// Tells every session that delivery stopped, or that it is back.
     pub fn send_notice(&self, interrupted: Option<String>) {
         let _ = self.sender.send(interrupted.map_or(Item::Restored, Item::Interrupted));
@@ -79,21 +86,42 @@ impl MemoryBus {
     }
 
     pub fn subscribe(&self) -> MemorySubscription {
-        MemorySubscription { receiver: self.sender.subscribe(), metrics: self.metrics.clone() }
+        MemorySubscription { receiver: self.sender.subscribe(), held: None, metrics: self.metrics.clone() }
     }
 }
 
 pub struct MemorySubscription {
     receiver: broadcast::Receiver<Item>,
+    /// Taken from the channel while counting a run of `Missed`, and not yet returned.
+    held: Option<Item>,
     metrics: Arc<Metrics>,
 }
 
 impl MemorySubscription {
+    /// Cancel-safe: `recv` is, and what is taken meanwhile is held, not dropped.
     pub async fn next(&mut self) -> Option<Event> {
-        match self.receiver.recv().await {
+        let item = match self.held.take() {
+            Some(item) => Ok(item),
+            None => self.receiver.recv().await,
+        };
+        match item {
             Ok(Item::Frame(frame)) => Some(Event::Message(frame, None)),
             Ok(Item::Interrupted(reason)) => Some(Event::Interrupted(reason)),
             Ok(Item::Restored) => Some(Event::Restored),
+            Ok(Item::Missed(mut count)) => {
+                // Drops are counted one dead-letter at a time: one notice for a run of them.
+                loop {
+                    match self.receiver.try_recv() {
+                        Ok(Item::Missed(more)) => count += more,
+                        Ok(other) => {
+                            self.held = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                Some(Event::Gap(count))
+            }
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 self.metrics.skipped.fetch_add(missed, Relaxed);
                 Some(Event::Gap(missed))

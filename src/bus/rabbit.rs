@@ -773,6 +773,10 @@ async fn count_overflow(shared: &Arc<Shared>, connection: &Connection) -> Result
         while let Some(Ok(delivery)) = consumer.next().await {
             shared.metrics.queue_overflow.fetch_add(1, Relaxed);
             let session = delivery.routing_key.as_str();
+            if let Some(local) = shared.local.as_ref().filter(|_| session == process_queue(&shared.replica)) {
+                local.send_gap(1);
+                continue;
+            }
             let entry = shared.sessions.lock().unwrap_or_else(|p| p.into_inner()).get(session).cloned();
             if let Some(entry) = entry {
                 entry.dropped.fetch_add(1, Relaxed);
@@ -785,6 +789,11 @@ async fn count_overflow(shared: &Arc<Shared>, connection: &Connection) -> Result
     Ok(())
 }
 
+/// The queue of `process` fan-out mode.
+fn process_queue(replica: &str) -> String {
+    format!("fanout-chat.{replica}.process")
+}
+
 /// `process` fan-out mode: one exclusive queue for this whole process, bound to the exchange;
 /// a task hands each message to every session through the in-memory channel and acks it.
 async fn consume_for_process(
@@ -794,10 +803,14 @@ async fn consume_for_process(
 ) -> Result<(), lapin::Error> {
     let config = &shared.config;
     let channel = connection.create_channel().await?;
-    let queue = format!("fanout-chat.{}.process", shared.replica);
+    let queue = process_queue(&shared.replica);
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length));
     arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+    // What it drops when full (the process fell behind the broker) is counted like a session
+    // queue's drops, and every session of the process is told.
+    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(OVERFLOW_EXCHANGE.into()));
+    arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.as_str().into()));
     channel
         .queue_declare(
             queue.as_str().into(),

@@ -765,3 +765,63 @@ async fn sessions_catch_up_after_a_link_outage_in_session_mode() {
 async fn sessions_catch_up_after_a_link_outage_in_process_mode() {
     sessions_catch_up_on_what_another_replica_took_during_a_link_outage(FanoutMode::Process).await;
 }
+
+/// Process mode: a process that falls behind the broker (here: its link stalled while another
+/// service publishes) has its one queue drop the oldest messages at `x-max-length`; every
+/// session is told how many it missed (gap notices; a run of drops already counted is told in
+/// one) and gets the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_process_mode_what_the_process_queue_drops_is_told_to_every_session() {
+    const SENT: usize = 20;
+    let proxy = ChaosProxy::start(main_broker()).await;
+    let mut config = proxied_config(&proxy);
+    let rabbit = config.rabbitmq.as_mut().unwrap();
+    rabbit.fanout = FanoutMode::Process;
+    rabbit.queue_max_length = 5;
+    rabbit.prefetch = 1;
+    let app = spawn_app_with(config).await;
+    let mut sessions = vec![app.connect().await, app.connect().await];
+
+    proxy.stall().await;
+    let service = crate::helpers::service().await;
+    service.channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
+    for i in 0..SENT {
+        service
+            .channel
+            .basic_publish(
+                app.exchange().into(),
+                "".into(),
+                lapin::options::BasicPublishOptions::default(),
+                format!("while the process is behind {i}").as_bytes(),
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    proxy.restore().await;
+    for session in &mut sessions {
+        let (mut received, mut missed, mut notices) = (Vec::new(), 0, 0);
+        while received.len() + missed < SENT {
+            let frame = next_frame_within(session, WAIT, "the rest of the messages or a gap").await;
+            match frame["type"].as_str() {
+                None => received.push(frame["text"].as_str().unwrap().to_owned()),
+                Some("gap") => {
+                    missed += frame["missed"].as_u64().unwrap() as usize;
+                    notices += 1;
+                }
+                Some(other) => panic!("unexpected {other} frame: {frame}"),
+            }
+        }
+        assert!(missed > 0, "the queue dropped some: received {received:?}");
+        assert_eq!(received.len() + missed, SENT, "every message is received or counted as missed");
+        assert_eq!(
+            received.last().unwrap(),
+            &format!("while the process is behind {}", SENT - 1),
+            "the newest kept"
+        );
+        eprintln!("{missed} missed, told in {notices} gap notices; {} received", received.len());
+    }
+    app.stop().await;
+}
