@@ -1,7 +1,7 @@
 //! Load generator for fanout-chat against the real RabbitMQ at 127.0.0.1:5672.
 //!
 //! ```sh
-//! cargo bench --bench fanout                  # full run (about 6 minutes), writes BENCHMARKS.md
+//! cargo bench --bench fanout                  # full run (about 10 minutes), writes BENCHMARKS.md
 //! cargo bench --bench fanout -- --quick       # smoke run: N = 10, 100, few messages
 //! cargo bench --bench fanout -- --sessions 100,1000 --messages 500 --rate 20 --mode process
 //! ```
@@ -10,25 +10,37 @@
 //! binaries built, with the bench profile, which inherits release). For each number of sessions
 //! N, one after the other on the same broker:
 //!
-//! 1. **raw**: no web server at all. N lapin consumers, each with its own exclusive,
-//!    auto-delete queue bound to a fanout exchange, laid out like the app lays out its sessions
-//!    (4 connections, 32 consumers per channel, per-consumer prefetch 64, manual ack of every
-//!    delivery, `x-max-length` 1000 drop-head), fed by a lapin publisher in confirm mode. This is
-//!    the broker's ceiling for this design.
-//! 2. **app**: `fanout-chat` started by this tool (`PORT=0`, its own exchange, raised limits,
-//!    stopped by SIGTERM to its PID), N WebSocket sessions opened against it (each waits for its
-//!    `welcome` frame), then the same messages twice: (a) `app-http`, by `POST /messages` from 16
-//!    keep-alive clients (256 in the burst phase), and (b) `app-amqp`, straight into the exchange by the same lapin
-//!    publisher as the raw run, as another service would.
+//! 1. **raw**: no web server at all. The broker laid out as the app lays it out, with lapin
+//!    clients in place of the app: N consumers, each with its own exclusive, auto-delete queue
+//!    bound to a fanout exchange, laid out like the app's sessions (4 connections, 32 consumers
+//!    per channel, per-consumer prefetch 64, manual ack of every delivery, `x-max-length` 1000
+//!    drop-head), plus the history stream the app keeps on every exchange (a durable stream
+//!    `<exchange>.history` bound to it, with the app's retention arguments, followed by one
+//!    consumer that acks every delivery), fed by a lapin publisher in confirm mode. Every publish
+//!    is written to the stream as well as to the N queues, as in the app. This is the broker's
+//!    ceiling for this design: N session queues + the history stream.
+//! 2. **app, per-session mode** (`NOTIFIER_FANOUT_MODE=session`, the default): `fanout-chat`
+//!    started by this tool (`PORT=0`, its own exchange, raised limits, stopped by SIGTERM to its
+//!    PID), N WebSocket sessions opened against it (each waits for its `welcome` frame), then the
+//!    same messages twice: (a) `app-http`, by `POST /messages` from 16 keep-alive clients (256 in
+//!    the burst and target phases), and (b) `app-amqp`, straight into the exchange by the same
+//!    lapin publisher as the raw run, as another service would.
+//! 3. **app, process mode** (`NOTIFIER_FANOUT_MODE=process`: one queue per process, the copies
+//!    per session made in memory): the same, on a fresh start of the app with an exchange of its
+//!    own, as `proc-http` and `proc-amqp`. `--mode session` or `--mode process` runs only one of
+//!    the two.
 //!
 //! Each of those runs two phases: **steady** (M messages paced at a rate, for latency below
 //! saturation) and **burst** (up to 900 messages as fast as the broker confirms them, for the
-//! ceiling of deliveries per second).
+//! ceiling of deliveries per second). The process-mode runs add a third, **target**: paced at
+//! 3 × the raw burst's deliveries/s of the same N (the issue's goal for that mode), for about
+//! 6 s, to see whether the app sustains it with p99 under 100 ms and nothing lost. "vs raw"
+//! compares every app run with the same raw run (the target phase with the raw burst).
 //!
 //! Every message's text is `<tag><seq> <unix_nanos>`: the phase (`r`aw, `h`ttp, `a`mqp; upper
-//! case for the burst), its sequence number and the send time on this process's clock. Every
-//! receiver (a WebSocket session or a raw consumer) runs the same bookkeeping
-//! ([`Receiver::on_frame`]): latency from send to arrival, and per receiver the messages lost,
+//! case for the burst; `t` and `u` for the HTTP and AMQP target phases), its sequence number and
+//! the send time on this process's clock. Every receiver (a WebSocket session or a raw consumer)
+//! runs the same bookkeeping ([`Receiver::on_frame`]): latency from send to arrival, and per receiver the messages lost,
 //! duplicated and out of order. "Out of order" is judged per publishing stream, where the order
 //! is guaranteed: the AMQP publisher is one channel publishing in sequence (one stream), and each
 //! of the K HTTP clients sends its next message only after the 202 of its previous one (K
@@ -38,6 +50,17 @@
 //! CPU time of the app, of the broker (the `beam.smp` listening on 5672, found read-only in
 //! /proc), of this generator and of the rest of the machine is sampled over each window; shares
 //! are in percent of one core (the machine has `cores × 100 %`).
+//!
+//! Memory: the app's RSS idle, with its N sessions open and at its peak, and the broker's RSS
+//! (VmRSS of that `beam.smp`) right before and right after the N receivers opened — the raw
+//! consumers' queues, or the app's sessions — so that each set reports what one session costs
+//! the broker (in process mode, next to nothing: the sessions have no queues). RSS is what the
+//! operating system sees: the Erlang VM keeps memory it freed (the previous run's queues) and
+//! hands it out again before it grows, so a run that follows a larger one can read low.
+//!
+//! Every exchange, queue and stream is this run's own (`fanout-bench.<run>.n<N>.…`) and is
+//! deleted when its part is done: exchanges and the durable history streams (raw's and each
+//! app start's `<exchange>.history`) explicitly, session queues by auto-delete.
 
 #![allow(
     clippy::unwrap_used,
@@ -65,6 +88,7 @@ use lapin::{
     options::{
         BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, ConfirmSelectOptions,
         ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+        QueueDeleteOptions,
     },
     types::{AMQPValue, FieldTable},
 };
@@ -84,6 +108,13 @@ const CONSUMER_CONNECTIONS: usize = 4;
 const SESSIONS_PER_CHANNEL: usize = 32;
 const PREFETCH: u16 = 64;
 const QUEUE_MAX_LENGTH: i32 = 1000;
+/// The history stream's defaults (`NOTIFIER_HISTORY_MAX_AGE`, `NOTIFIER_HISTORY_MAX_BYTES`, and
+/// the segment size the app derives from it, a quarter) and the prefetch of the app's stream
+/// follower: see src/bus/rabbit/stream.rs.
+const HISTORY_MAX_AGE: &str = "7D";
+const HISTORY_MAX_BYTES: i64 = 100_000_000;
+const HISTORY_SEGMENT_BYTES: i64 = HISTORY_MAX_BYTES / 4;
+const HISTORY_PREFETCH: u16 = 500;
 /// Sessions (or raw consumers) being opened at once: a crowd arriving, not one by one.
 const OPEN_CONCURRENCY: usize = 100;
 /// Concurrent `POST /messages` clients, each a keep-alive connection and an ordered stream.
@@ -112,8 +143,8 @@ struct Options {
     write: bool,
     /// Only the broker's ceiling: no app.
     raw_only: bool,
-    /// `None` for the default (`per-session`); anything else goes to `NOTIFIER_FANOUT_MODE`.
-    mode: Option<String>,
+    /// `None`: both fan-out modes, one app start each.
+    mode: Option<Mode>,
     /// The arguments as given, for the record.
     args: Vec<String>,
 }
@@ -128,12 +159,13 @@ usage: cargo bench --bench fanout -- [options]
   --burst B                     messages of the burst phase, published as fast as the broker
                                 confirms them (default 900 up to 100 sessions, 100 up to 1000,
                                 30 above; at most 900, under the queues' x-max-length; 0 skips it)
-  --mode per-session|MODE       per-session (default) leaves NOTIFIER_FANOUT_MODE unset;
-                                any other value is passed to the server as NOTIFIER_FANOUT_MODE
-  --quick                       smoke run: N = 10,100, 200 messages per phase;
-                                BENCHMARKS.md untouched
+  --mode session|process        only that NOTIFIER_FANOUT_MODE (default: both, the app started
+                                once in each; per-session is accepted for session)
+  --quick                       smoke run: N = 10,100, 200 messages per phase (the target
+                                phase keeps its own count); BENCHMARKS.md untouched
   --write                       write BENCHMARKS.md even with --quick
-  --raw-only                    only the broker's ceiling (no app); BENCHMARKS.md untouched";
+  --raw-only                    only the broker's ceiling (no app); BENCHMARKS.md untouched
+Any other run (--sessions, --messages... included) overwrites BENCHMARKS.md.";
 
 impl Options {
     fn parse() -> Result<Self, String> {
@@ -183,7 +215,8 @@ impl Options {
                 }
                 "--mode" => {
                     let mode = value()?;
-                    options.mode = (mode != "per-session").then_some(mode);
+                    let mode = Mode::ALL.into_iter().find(|m| m.accepts(&mode));
+                    options.mode = Some(mode.ok_or("--mode expects session or process")?);
                 }
                 "--quick" => options.quick = true,
                 "--write" => options.write = true,
@@ -198,8 +231,21 @@ impl Options {
         Ok(options)
     }
 
-    fn mode_label(&self) -> &str {
-        self.mode.as_deref().unwrap_or("per-session")
+    /// The fan-out modes to start the app in, in this order.
+    fn modes(&self) -> Vec<Mode> {
+        match self.mode {
+            _ if self.raw_only => Vec::new(),
+            Some(mode) => vec![mode],
+            None => Mode::ALL.to_vec(),
+        }
+    }
+
+    fn modes_label(&self) -> String {
+        match self.mode {
+            _ if self.raw_only => "none (raw only)".into(),
+            Some(mode) => format!("{} only", mode.name()),
+            None => "both: session, then process".into(),
+        }
     }
 
     fn command_line(&self) -> String {
@@ -228,6 +274,19 @@ const BURST_MAX: u32 = 900;
 /// below saturation at every N.
 const STEADY_DELIVERIES_PER_SEC: f64 = 5000.0;
 
+/// The issue's goal for process mode at N = 1,000: at least 3 × the deliveries/s of the
+/// per-session raw ceiling measured in the same run, with p99 under 100 ms and nothing lost.
+const TARGET_FACTOR: f64 = 3.0;
+const TARGET_P99_MS: f64 = 100.0;
+/// The target phase publishes for about this long ("sustained": many times the p99 it is
+/// judged by), and at least [`TARGET_MIN_MESSAGES`] messages.
+const TARGET_SECS: f64 = 6.0;
+const TARGET_MIN_MESSAGES: u32 = 50;
+/// A paced publisher that kept up reads a hair under its rate (each send is due on a
+/// millisecond timer, so the last can be a little late): below this share of the offered rate,
+/// it did not keep up.
+const PACE_TOLERANCE: f64 = 0.98;
+
 /// What one scenario publishes.
 #[derive(Clone, Copy, Debug)]
 struct Plan {
@@ -241,7 +300,8 @@ struct Plan {
 
 impl Plan {
     /// Defaults: see [`STEADY_DELIVERIES_PER_SEC`] and [`BURST_MAX`]. Message counts keep the
-    /// whole default run under 10 minutes (each phase runs three times: raw, app-http, app-amqp).
+    /// whole default run around 10 minutes (each phase runs five times: raw, app-http, app-amqp,
+    /// proc-http, proc-amqp; the process-mode runs add their target phase).
     fn for_sessions(sessions: usize, options: &Options) -> Self {
         let (messages, burst) = match sessions {
             _ if options.quick => (200, 200),
@@ -267,6 +327,66 @@ impl Plan {
         }
         phases
     }
+
+    /// The target phase, as (load, messages, rate): [`TARGET_FACTOR`] × the raw ceiling
+    /// (deliveries/s of the raw burst at this N) shared among the N sessions, for about
+    /// [`TARGET_SECS`]. `None` without a raw ceiling to pace it by (no burst phase).
+    fn target_phase(&self, raw_ceiling: Option<f64>) -> Option<(Load, u32, f64)> {
+        let raw_ceiling = raw_ceiling.filter(|d| *d > 0.0)?;
+        let rate = TARGET_FACTOR * raw_ceiling / self.sessions as f64;
+        let messages = ((rate * TARGET_SECS).ceil() as u32).max(TARGET_MIN_MESSAGES);
+        Some((Load::Target, messages, rate))
+    }
+}
+
+/// Where the app copies each message to its sessions (`NOTIFIER_FANOUT_MODE`); a full run
+/// starts the app once in each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    /// The broker copies it into every session's own queue (the default).
+    Session,
+    /// One queue per process; the app copies it to its sessions in memory.
+    Process,
+}
+
+impl Mode {
+    const ALL: [Self; 2] = [Self::Session, Self::Process];
+
+    /// The value of `NOTIFIER_FANOUT_MODE`.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Session => "session",
+            Self::Process => "process",
+        }
+    }
+
+    /// `--mode`: the name, or `per-session`, the name this tool used before process mode.
+    fn accepts(self, arg: &str) -> bool {
+        arg == self.name() || (self == Self::Session && arg == "per-session")
+    }
+
+    /// The names of its runs: by HTTP, by AMQP. Also in its exchange's and replica's names.
+    fn runs(self) -> [&'static str; 2] {
+        match self {
+            Self::Session => ["app-http", "app-amqp"],
+            Self::Process => ["proc-http", "proc-amqp"],
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            Self::Session => "app",
+            Self::Process => "proc",
+        }
+    }
+}
+
+/// Every run, in the order of the tables.
+const RUNS: [&str; 5] = ["raw", "app-http", "app-amqp", "proc-http", "proc-amqp"];
+
+/// The mode a run's app was in; `None` for raw.
+fn mode_label(mode: Option<Mode>) -> &'static str {
+    mode.map_or("raw", Mode::name)
 }
 
 /// How a phase publishes.
@@ -278,6 +398,10 @@ enum Load {
     /// As fast as the broker confirms (AMQP: 256 unconfirmed at most; HTTP: 256 clients each
     /// waiting for its 202): deliveries/s is the ceiling.
     Burst,
+    /// Process mode only: paced at [`TARGET_FACTOR`] × the raw ceiling (see
+    /// [`Plan::target_phase`]), with the burst's 256 unconfirmed or 256 clients so that the
+    /// publisher can keep that pace: is the issue's goal for that mode sustained?
+    Target,
 }
 
 impl Load {
@@ -285,12 +409,20 @@ impl Load {
         match self {
             Self::Steady => "steady",
             Self::Burst => "burst",
+            Self::Target => "target",
         }
     }
 }
 
 fn describe_rate(rate: f64) -> String {
-    if rate == 0.0 { "max".into() } else { format!("{rate}/s") }
+    if rate == 0.0 {
+        "max".into()
+    } else if rate.fract() == 0.0 {
+        format!("{rate}/s")
+    } else {
+        // The target phase's rate, derived from a measurement.
+        format!("{rate:.1}/s")
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -708,9 +840,17 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// Starts `fanout-chat` on a free port with its own exchange and waits until it is ready.
-    async fn start(binary: &Path, exchange: &str, replica: &str, plan: &Plan, options: &Options) -> Self {
+    /// Starts `fanout-chat` in `mode` on a free port with its own exchange (and so its own
+    /// history stream, `<exchange>.history`) and waits until it is ready.
+    async fn start(binary: &Path, exchange: &str, replica: &str, plan: &Plan, mode: Mode) -> Self {
         let mut command = Command::new(binary);
+        // The app at its defaults, which the raw run mirrors: no NOTIFIER_* setting of the
+        // shell this runs in (a history stream of another name, another prefetch...) applies.
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(|n| n.starts_with("NOTIFIER_")) {
+                command.env_remove(name);
+            }
+        }
         command
             .env("PORT", "0")
             .env("LOG_FORMAT", "json")
@@ -724,7 +864,7 @@ impl Server {
             .env("NOTIFIER_MESSAGES_GLOBAL", "1000000")
             .env("NOTIFIER_MAX_SESSIONS_PER_CLIENT", "1000000")
             .env("NOTIFIER_MAX_SESSIONS", "1000000")
-            .env_remove("NOTIFIER_FANOUT_MODE")
+            .env("NOTIFIER_FANOUT_MODE", mode.name())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -732,9 +872,6 @@ impl Server {
         let channels = plan.sessions.div_ceil(SESSIONS_PER_CHANNEL * CONSUMER_CONNECTIONS) + 1;
         if channels > 64 {
             command.env("NOTIFIER_CHANNELS_PER_CONNECTION", channels.min(2047).to_string());
-        }
-        if let Some(mode) = &options.mode {
-            command.env("NOTIFIER_FANOUT_MODE", mode);
         }
         let mut child = command.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", binary.display()));
         let pid = child.id();
@@ -879,21 +1016,28 @@ async fn connect_amqp(name: &str) -> Connection {
         .expect("RabbitMQ at 127.0.0.1:5672 (guest/guest)")
 }
 
-struct RawConsumers {
-    fleet: Fleet,
-    connections: Vec<Connection>,
-}
-
-/// N consumers: each its own exclusive, auto-delete queue bound to `exchange`, 32 per channel
-/// (per-consumer prefetch 64), channels spread over 4 connections, manual acks.
-async fn open_raw_consumers(exchange: &str, run: &str, n: usize) -> (RawConsumers, BTreeMap<String, usize>) {
+/// The raw run's consumer connections, as many as the app's. Opened before the broker's RSS is
+/// read, so that what the opening adds is the queues (with their consumers and channels), as
+/// for the app, whose connections are open before its first session.
+async fn connect_raw(run: &str) -> Vec<Connection> {
     let mut connections = Vec::new();
     for c in 0..CONSUMER_CONNECTIONS {
         connections.push(connect_amqp(&format!("fanout-bench {run} raw consume-{c}")).await);
     }
+    connections
+}
+
+/// N consumers on `connections`: each its own exclusive, auto-delete queue bound to `exchange`,
+/// 32 per channel (per-consumer prefetch 64), channels spread over the connections, manual acks.
+async fn open_raw_consumers(
+    connections: &[Connection],
+    exchange: &str,
+    run: &str,
+    n: usize,
+) -> (Fleet, BTreeMap<String, usize>) {
     let mut channels = Vec::new();
     for c in 0..n.div_ceil(SESSIONS_PER_CHANNEL) {
-        let channel = connections[c % CONSUMER_CONNECTIONS].create_channel().await.expect("a channel");
+        let channel = connections[c % connections.len()].create_channel().await.expect("a channel");
         channel.basic_qos(PREFETCH, BasicQosOptions { global: false }).await.expect("basic.qos");
         channels.push(channel);
     }
@@ -903,7 +1047,7 @@ async fn open_raw_consumers(exchange: &str, run: &str, n: usize) -> (RawConsumer
         .map(|i| {
             let channel = channels[i / SESSIONS_PER_CHANNEL].clone();
             let (totals, cancel) = (totals.clone(), cancel.clone());
-            let queue = format!("fanout-bench.{run}.raw.{i}");
+            let queue = format!("fanout-bench.{run}.n{n}.raw.{i}");
             async move {
                 let mut arguments = FieldTable::default();
                 arguments.insert("x-max-length".into(), AMQPValue::LongInt(QUEUE_MAX_LENGTH));
@@ -939,8 +1083,68 @@ async fn open_raw_consumers(exchange: &str, run: &str, n: usize) -> (RawConsumer
         .buffer_unordered(OPEN_CONCURRENCY)
         .collect()
         .await;
-    let (fleet, errors) = Fleet::gather(opened, totals, cancel);
-    (RawConsumers { fleet, connections }, errors)
+    Fleet::gather(opened, totals, cancel)
+}
+
+/// The app's history stream, on the raw run's exchange: `<exchange>.history`, declared with the
+/// app's arguments (durable, 7 days, 100 MB in 25 MB segments) on `declarer`, bound to the
+/// exchange, and followed from its end on `follower` by one consumer with the app's prefetch
+/// that acks every delivery, as the app's follower does (src/bus/rabbit/stream.rs). So that
+/// each raw publish is written to the stream too and read back once, as each app publish is.
+/// Returns the follower's task (it ends with `cancel`) and its count of deliveries.
+async fn follow_raw_history(
+    declarer: &Connection,
+    follower: &Connection,
+    exchange: &str,
+    stream_name: &str,
+    cancel: CancellationToken,
+) -> (JoinHandle<()>, Arc<AtomicU64>) {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-queue-type".into(), AMQPValue::LongString("stream".into()));
+    arguments.insert("x-max-age".into(), AMQPValue::LongString(HISTORY_MAX_AGE.into()));
+    arguments.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(HISTORY_MAX_BYTES));
+    arguments.insert("x-stream-max-segment-size-bytes".into(), AMQPValue::LongLongInt(HISTORY_SEGMENT_BYTES));
+    let declare = async {
+        let channel = declarer.create_channel().await?;
+        let options = QueueDeclareOptions { durable: true, ..Default::default() };
+        channel.queue_declare(stream_name.into(), options, arguments).await?;
+        let bind = QueueBindOptions::default();
+        channel
+            .queue_bind(stream_name.into(), exchange.into(), "".into(), bind, FieldTable::default())
+            .await?;
+        let _ = channel.close(200, "OK".into()).await;
+        let channel = follower.create_channel().await?;
+        channel.basic_qos(HISTORY_PREFETCH, BasicQosOptions { global: false }).await?;
+        let mut arguments = FieldTable::default();
+        arguments.insert("x-stream-offset".into(), AMQPValue::LongString("next".into()));
+        let consume = BasicConsumeOptions::default();
+        let consumer = channel.basic_consume(stream_name.into(), "".into(), consume, arguments).await?;
+        Ok::<_, lapin::Error>((channel, consumer))
+    };
+    let (channel, mut consumer) = tokio::time::timeout(STEP_TIMEOUT, declare)
+        .await
+        .expect("the history stream declared within 30 s")
+        .unwrap_or_else(|e| {
+            panic!("declare and follow the stream {stream_name} (RabbitMQ 3.9 or later): {e}")
+        });
+    let followed = Arc::new(AtomicU64::new(0));
+    let count = followed.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                delivery = consumer.next() => match delivery {
+                    Some(Ok(delivery)) => {
+                        let _ = delivery.acker.ack(BasicAckOptions::default()).await;
+                        count.fetch_add(1, Relaxed);
+                    }
+                    Some(Err(_)) | None => break,
+                },
+            }
+        }
+        let _ = channel.close(200, "bench done".into()).await;
+    });
+    (task, followed)
 }
 
 /// One raw consumer: the same bookkeeping as a WebSocket session, then the ack (the app acks
@@ -1024,23 +1228,24 @@ enum Publisher {
 }
 
 impl Publisher {
-    /// Publishing streams: the unit within which order is guaranteed.
-    fn streams(&self, messages: u32, rate: f64) -> u32 {
-        match self {
-            Self::Http { .. } if rate == 0.0 => HTTP_BURST_STREAMS.min(messages),
-            Self::Http { .. } => HTTP_STREAMS.min(messages),
-            Self::Amqp { .. } => 1,
+    /// Publishing streams: the unit within which order is guaranteed. The burst and the target
+    /// phase get as many HTTP clients as the AMQP publisher has unconfirmed publishes.
+    fn streams(&self, load: Load, messages: u32) -> u32 {
+        match (self, load) {
+            (Self::Http { .. }, Load::Steady) => HTTP_STREAMS.min(messages),
+            (Self::Http { .. }, Load::Burst | Load::Target) => HTTP_BURST_STREAMS.min(messages),
+            (Self::Amqp { .. }, _) => 1,
         }
     }
 
-    async fn publish(&self, tag: u8, messages: u32, rate: f64) -> PublishStats {
+    async fn publish(&self, tag: u8, load: Load, messages: u32, rate: f64) -> PublishStats {
         let start = tokio::time::Instant::now() + Duration::from_millis(20);
         let stats = Arc::new(Mutex::new(PublishStats::new(messages)));
         match self {
             Self::Http { client, url } => {
                 // Stream `s` sends messages s, s + 16, s + 32... each after the previous one's
                 // 202, each no earlier than its due time.
-                let streams = self.streams(messages, rate);
+                let streams = self.streams(load, messages);
                 let workers: Vec<_> = (0..streams)
                     .map(|s| {
                         let (client, url, stats) = (client.clone(), url.clone(), stats.clone());
@@ -1138,33 +1343,56 @@ async fn delete_exchange(connection: &Connection, exchange: &str) {
     }
 }
 
+/// Deletes a queue: here, a durable history stream, which would otherwise stay on the broker
+/// (up to 100 MB each) after the run.
+async fn delete_queue(connection: &Connection, queue: &str) {
+    if let Ok(channel) = connection.create_channel().await {
+        let deleted = channel.queue_delete(queue.into(), QueueDeleteOptions::default());
+        match tokio::time::timeout(STEP_TIMEOUT, deleted).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => eprintln!("  warning: could not delete queue {queue}: {e}"),
+            Err(_) => eprintln!("  warning: deleting queue {queue} timed out"),
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // One measured phase: publish M messages, wait for every delivery, sum up
 
-/// What a phase is: which run, which load, its tag in the message texts, what it publishes.
+/// What a phase is: which run (of which mode), which load, its tag in the message texts, what
+/// it publishes.
 #[derive(Clone, Copy, Debug)]
 struct PhaseSpec {
     run: &'static str,
+    mode: Option<Mode>,
     load: Load,
     messages: u32,
     rate: f64,
 }
 
 impl PhaseSpec {
-    /// The run's first letter, upper case for the burst: distinct for every phase a fleet sees.
+    /// The publisher's letter (`r`aw, `h`ttp, `a`mqp), upper case for the burst, `t` and `u`
+    /// for the target phase: distinct for every phase a fleet sees.
     fn tag(&self) -> u8 {
         let letter = match self.run {
             "raw" => b'r',
-            "app-http" => b'h',
+            run if run.ends_with("-http") => b'h',
             _ => b'a',
         };
-        if self.load == Load::Burst { letter.to_ascii_uppercase() } else { letter }
+        match self.load {
+            Load::Steady => letter,
+            Load::Burst => letter.to_ascii_uppercase(),
+            Load::Target if letter == b'h' => b't',
+            Load::Target => b'u',
+        }
     }
 }
 
 #[derive(Clone, Debug, Default)]
 struct Delivery {
     run: &'static str,
+    /// The app's fan-out mode; `None` for raw.
+    mode: Option<Mode>,
     load: Load,
     sessions: usize,
     messages: u32,
@@ -1213,7 +1441,7 @@ async fn run_phase(
     publisher: &Publisher,
     pids: (Option<u32>, Option<u32>),
 ) -> Delivery {
-    let streams = publisher.streams(spec.messages, spec.rate);
+    let streams = publisher.streams(spec.load, spec.messages);
     for receiver in &fleet.receivers {
         receiver.reset(spec.tag(), spec.messages, streams);
     }
@@ -1225,7 +1453,7 @@ async fn run_phase(
     let cpu = CpuSample::take(pids.0, pids.1);
     let mut publishing = {
         let publisher = publisher.clone();
-        tokio::spawn(async move { publisher.publish(spec.tag(), spec.messages, spec.rate).await })
+        tokio::spawn(async move { publisher.publish(spec.tag(), spec.load, spec.messages, spec.rate).await })
     };
     // Until every message has reached every receiver, or DRAIN_GRACE after the publisher
     // finished. When some publishes failed (a 503 after the confirm timeout), those may or may
@@ -1262,6 +1490,7 @@ async fn run_phase(
 
     let mut d = Delivery {
         run: spec.run,
+        mode: spec.mode,
         load: spec.load,
         sessions: fleet.receivers.len(),
         messages: spec.messages,
@@ -1322,34 +1551,57 @@ impl Opening {
     }
 }
 
-#[derive(Clone, Debug, Default)]
-struct Memory {
-    idle_kib: Option<u64>,
-    open_kib: Option<u64>,
-    peak_kib: Option<u64>,
+/// A process's RSS right before and right after N receivers opened.
+#[derive(Clone, Copy, Debug, Default)]
+struct Growth {
+    before_kib: Option<u64>,
+    after_kib: Option<u64>,
     opened: usize,
 }
 
-impl Memory {
-    fn per_session_kib(&self) -> Option<f64> {
-        let (idle, open) = (self.idle_kib?, self.open_kib?);
-        (self.opened > 0).then(|| (open as f64 - idle as f64) / self.opened as f64)
+impl Growth {
+    /// What one receiver added, in KiB.
+    fn per_receiver_kib(&self) -> Option<f64> {
+        let (before, after) = (self.before_kib?, self.after_kib?);
+        (self.opened > 0).then(|| (after as f64 - before as f64) / self.opened as f64)
     }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Memory {
+    /// The app's RSS idle (before its sessions) and with its N sessions; nothing for raw.
+    app: Growth,
+    /// The app's peak RSS (VmHWM), after the phases.
+    app_peak_kib: Option<u64>,
+    /// The broker's RSS right before and right after the receivers opened: their queues (raw,
+    /// per-session mode) or whatever process mode adds per session (nearly nothing).
+    broker: Growth,
+    /// The broker's RSS after the phases, before the receivers closed.
+    broker_end_kib: Option<u64>,
+}
+
+/// One set of receivers and what it cost: the raw consumers, or one start of the app in one
+/// fan-out mode with its sessions.
+#[derive(Clone, Debug, Default)]
+struct Setup {
+    /// `None`: the raw consumers.
+    mode: Option<Mode>,
+    open: Opening,
+    memory: Memory,
+    /// App starts only: the exit after SIGTERM, and the warnings it logged (the first few).
+    exit: Option<String>,
+    warnings: Vec<String>,
 }
 
 /// Everything measured at one N.
 struct Scenario {
     plan: Plan,
-    raw_open: Opening,
-    /// `None` with --raw-only.
-    app_open: Option<Opening>,
-    memory: Memory,
+    /// The raw consumers first, then one app start per mode, in the order they ran.
+    setups: Vec<Setup>,
     /// Every phase, raw first.
     runs: Vec<Delivery>,
     /// CPU shares just before the scenario (after [`settle`]).
     background: CpuShare,
-    server_exit: String,
-    server_warnings: Vec<String>,
 }
 
 impl Scenario {
@@ -1357,43 +1609,177 @@ impl Scenario {
         self.runs.iter().find(|d| d.run == run && d.load == load)
     }
 
-    /// The raw run an app run is compared with: same load.
+    /// The raw run an app run is compared with: same load; for the target phase, the raw burst
+    /// (the ceiling it is a multiple of).
     fn raw_for(&self, d: &Delivery) -> Option<&Delivery> {
-        self.find("raw", d.load)
+        let load = if d.load == Load::Target { Load::Burst } else { d.load };
+        self.find("raw", load)
+    }
+
+    fn setup(&self, mode: Option<Mode>) -> Option<&Setup> {
+        self.setups.iter().find(|s| s.mode == mode)
+    }
+
+    fn apps(&self) -> impl Iterator<Item = &Setup> {
+        self.setups.iter().filter(|s| s.mode.is_some())
     }
 }
 
-async fn run_raw(plan: &Plan, run_id: &str, broker: Option<u32>) -> (Opening, Vec<Delivery>) {
+/// The broker's RSS now, in KiB.
+fn broker_rss(broker: Option<u32>) -> Option<u64> {
+    broker.and_then(|pid| status_kib(pid, "VmRSS"))
+}
+
+fn print_broker_growth(what: &str, memory: &Memory) {
+    println!(
+        "  {what}: broker RSS {} before, {} with {} open -> {} each",
+        kib(memory.broker.before_kib),
+        kib(memory.broker.after_kib),
+        memory.broker.opened,
+        memory.broker.per_receiver_kib().map_or("-".into(), |k| format!("{k:.1} KiB"))
+    );
+}
+
+async fn run_raw(plan: &Plan, run_id: &str, broker: Option<u32>) -> (Setup, Vec<Delivery>) {
     let exchange = format!("fanout-bench.{run_id}.n{}.raw", plan.sessions);
+    let history = format!("{exchange}.history");
     let (publisher_connection, channel) =
         amqp_publisher(&format!("fanout-bench {run_id} raw publish"), &exchange).await;
+    let connections = connect_raw(run_id).await;
+    // The app's follower reads on its first consumer connection; so does this one.
+    let stop_following = CancellationToken::new();
+    let (follower, followed) = follow_raw_history(
+        &publisher_connection,
+        &connections[0],
+        &exchange,
+        &history,
+        stop_following.clone(),
+    )
+    .await;
 
+    let mut memory = Memory::default();
+    memory.broker.before_kib = broker_rss(broker);
     let cpu = CpuSample::take(None, broker);
     let started = Instant::now();
-    let (raw, errors) = open_raw_consumers(&exchange, run_id, plan.sessions).await;
+    let (fleet, errors) = open_raw_consumers(&connections, &exchange, run_id, plan.sessions).await;
     let open = Opening {
         requested: plan.sessions,
-        opened: raw.fleet.receivers.len(),
+        opened: fleet.receivers.len(),
         errors,
         secs: started.elapsed().as_secs_f64(),
         cpu: cpu.share(),
     };
+    memory.broker.after_kib = broker_rss(broker);
+    memory.broker.opened = open.opened;
     print_opening("raw", &open);
+    print_broker_growth("raw", &memory);
 
     let publisher = Publisher::Amqp { channel, exchange: exchange.clone() };
     let mut runs = Vec::new();
     for (load, messages, rate) in plan.phases() {
-        let spec = PhaseSpec { run: "raw", load, messages, rate };
-        runs.push(run_phase(spec, &raw.fleet, &publisher, (None, broker)).await);
+        let spec = PhaseSpec { run: "raw", mode: None, load, messages, rate };
+        runs.push(run_phase(spec, &fleet, &publisher, (None, broker)).await);
     }
+    memory.broker_end_kib = broker_rss(broker);
 
-    raw.fleet.close().await;
-    for connection in &raw.connections {
+    fleet.close().await;
+    stop_following.cancel();
+    let _ = tokio::time::timeout(STEP_TIMEOUT, follower).await;
+    let published: u32 = runs.iter().map(|d| d.published + d.publish_failed).sum();
+    println!(
+        "  raw history stream: followed {} of the {published} messages published",
+        followed.load(Relaxed)
+    );
+    for connection in &connections {
         let _ = tokio::time::timeout(STEP_TIMEOUT, connection.close(200, "bench done".into())).await;
     }
+    delete_queue(&publisher_connection, &history).await;
     delete_exchange(&publisher_connection, &exchange).await;
     let _ = tokio::time::timeout(STEP_TIMEOUT, publisher_connection.close(200, "bench done".into())).await;
-    (open, runs)
+    (Setup { mode: None, open, memory, exit: None, warnings: Vec::new() }, runs)
+}
+
+/// The app started in `mode`, its N sessions, its phases (and in process mode the target
+/// phase, paced by `raw_ceiling`, the raw burst's deliveries/s), then stopped and its exchange
+/// and history stream deleted.
+async fn run_app(
+    plan: &Plan,
+    mode: Mode,
+    binary: &Path,
+    run_id: &str,
+    broker: Option<u32>,
+    raw_ceiling: Option<f64>,
+) -> (Setup, Vec<Delivery>) {
+    let exchange = format!("fanout-bench.{run_id}.n{}.{}", plan.sessions, mode.prefix());
+    let replica = format!("bench-{run_id}-n{}-{}", plan.sessions, mode.prefix());
+    let server = Server::start(binary, &exchange, &replica, plan, mode).await;
+    let pids = (Some(server.pid), broker);
+    // Let start-up allocations and the broker link settle before calling it idle.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut memory = Memory::default();
+    memory.app.before_kib = status_kib(server.pid, "VmRSS");
+    memory.broker.before_kib = broker_rss(broker);
+
+    let cpu = CpuSample::take(pids.0, pids.1);
+    let started = Instant::now();
+    let (fleet, errors) = open_sessions(&server, plan.sessions).await;
+    let open = Opening {
+        requested: plan.sessions,
+        opened: fleet.receivers.len(),
+        errors,
+        secs: started.elapsed().as_secs_f64(),
+        cpu: cpu.share(),
+    };
+    memory.app.after_kib = status_kib(server.pid, "VmRSS");
+    memory.broker.after_kib = broker_rss(broker);
+    memory.app.opened = open.opened;
+    memory.broker.opened = open.opened;
+    let what = format!("app ({} mode)", mode.name());
+    print_opening(&what, &open);
+    println!(
+        "  {what}: app RSS idle {}, with {} sessions {} -> {} per session",
+        kib(memory.app.before_kib),
+        memory.app.opened,
+        kib(memory.app.after_kib),
+        memory.app.per_receiver_kib().map_or("-".into(), |k| format!("{k:.1} KiB"))
+    );
+    print_broker_growth(&what, &memory);
+
+    let (publisher_connection, channel) =
+        amqp_publisher(&format!("fanout-bench {run_id} {} publish", mode.prefix()), &exchange).await;
+    let [http, amqp] = mode.runs();
+    let publishers = [
+        (http, Publisher::Http { client: reqwest::Client::new(), url: server.url("/messages") }),
+        (amqp, Publisher::Amqp { channel, exchange: exchange.clone() }),
+    ];
+    let mut phases = plan.phases();
+    if mode == Mode::Process {
+        match plan.target_phase(raw_ceiling) {
+            Some(target) => phases.push(target),
+            None => println!("  no target phase: there is no raw burst to pace it by"),
+        }
+    }
+    let mut runs = Vec::new();
+    for (run, publisher) in &publishers {
+        for &(load, messages, rate) in &phases {
+            let spec = PhaseSpec { run, mode: Some(mode), load, messages, rate };
+            runs.push(run_phase(spec, &fleet, publisher, pids).await);
+        }
+    }
+    memory.app_peak_kib = status_kib(server.pid, "VmHWM");
+    memory.broker_end_kib = broker_rss(broker);
+
+    fleet.close().await;
+    let warnings = server.warnings.lock().unwrap().clone();
+    let exit = server.stop();
+    // The app declared both; neither goes away with it.
+    delete_queue(&publisher_connection, &format!("{exchange}.history")).await;
+    delete_exchange(&publisher_connection, &exchange).await;
+    let _ = tokio::time::timeout(STEP_TIMEOUT, publisher_connection.close(200, "bench done".into())).await;
+    if !warnings.is_empty() {
+        println!("  the app logged {} warning(s); first: {}", warnings.len(), warnings[0]);
+    }
+    (Setup { mode: Some(mode), open, memory, exit: Some(exit), warnings }, runs)
 }
 
 async fn run_scenario(
@@ -1414,76 +1800,18 @@ async fn run_scenario(
 
     // 1. The broker alone.
     let background = settle(broker).await;
-    let (raw_open, mut runs) = run_raw(&plan, run_id, broker).await;
-    let mut scenario = Scenario {
-        plan,
-        raw_open,
-        app_open: None,
-        memory: Memory::default(),
-        runs: Vec::new(),
-        background,
-        server_exit: String::new(),
-        server_warnings: Vec::new(),
-    };
-    if options.raw_only {
-        scenario.runs = runs;
-        return scenario;
+    let (raw, mut runs) = run_raw(&plan, run_id, broker).await;
+    let raw_ceiling = runs.iter().find(|d| d.load == Load::Burst).map(|d| d.deliveries_per_s);
+    let mut setups = vec![raw];
+
+    // 2. The app, once per fan-out mode.
+    for mode in options.modes() {
+        settle(broker).await;
+        let (setup, app_runs) = run_app(&plan, mode, binary, run_id, broker, raw_ceiling).await;
+        setups.push(setup);
+        runs.extend(app_runs);
     }
-
-    // 2. The app.
-    settle(broker).await;
-    let exchange = format!("fanout-bench.{run_id}.n{}.app", plan.sessions);
-    let replica = format!("bench-{run_id}-n{}", plan.sessions);
-    let server = Server::start(binary, &exchange, &replica, &plan, options).await;
-    let pids = (Some(server.pid), broker);
-    // Let start-up allocations and the broker link settle before calling it idle.
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let mut memory = Memory { idle_kib: status_kib(server.pid, "VmRSS"), ..Memory::default() };
-
-    let cpu = CpuSample::take(pids.0, pids.1);
-    let started = Instant::now();
-    let (fleet, errors) = open_sessions(&server, plan.sessions).await;
-    let app_open = Opening {
-        requested: plan.sessions,
-        opened: fleet.receivers.len(),
-        errors,
-        secs: started.elapsed().as_secs_f64(),
-        cpu: cpu.share(),
-    };
-    memory.open_kib = status_kib(server.pid, "VmRSS");
-    memory.opened = app_open.opened;
-    print_opening("app", &app_open);
-    println!(
-        "  app RSS: idle {}, with {} sessions {} -> {} per session",
-        kib(memory.idle_kib),
-        memory.opened,
-        kib(memory.open_kib),
-        memory.per_session_kib().map_or("-".into(), |k| format!("{k:.1} KiB"))
-    );
-
-    let (publisher_connection, channel) =
-        amqp_publisher(&format!("fanout-bench {run_id} app publish"), &exchange).await;
-    let publishers = [
-        ("app-http", Publisher::Http { client: reqwest::Client::new(), url: server.url("/messages") }),
-        ("app-amqp", Publisher::Amqp { channel, exchange: exchange.clone() }),
-    ];
-    for (run, publisher) in &publishers {
-        for (load, messages, rate) in plan.phases() {
-            let spec = PhaseSpec { run, load, messages, rate };
-            runs.push(run_phase(spec, &fleet, publisher, pids).await);
-        }
-    }
-    memory.peak_kib = status_kib(server.pid, "VmHWM");
-
-    fleet.close().await;
-    let server_warnings = server.warnings.lock().unwrap().clone();
-    let server_exit = server.stop();
-    delete_exchange(&publisher_connection, &exchange).await;
-    let _ = tokio::time::timeout(STEP_TIMEOUT, publisher_connection.close(200, "bench done".into())).await;
-    if !server_warnings.is_empty() {
-        println!("  the app logged {} warning(s); first: {}", server_warnings.len(), server_warnings[0]);
-    }
-    Scenario { app_open: Some(app_open), memory, runs, server_exit, server_warnings, ..scenario }
+    Scenario { plan, setups, runs, background }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1512,7 +1840,7 @@ fn print_opening(what: &str, open: &Opening) {
 
 fn print_delivery(d: &Delivery) {
     println!(
-        "  {:<8} {:<6} {}/{} delivered, {:.0}/s; latency p50 {} p90 {} p99 {} max {} ms; \
+        "  {:<9} {:<6} {}/{} delivered, {:.0}/s; latency p50 {} p90 {} p99 {} max {} ms; \
          lost {} dup {} out-of-order {}; published {:.0}/s; CPU app/broker/gen/other {}",
         d.run,
         d.load.name(),
@@ -1557,21 +1885,65 @@ fn num(v: f64, decimals: i32) -> Value {
     if v.is_finite() { json!((v * scale).round() / scale) } else { Value::Null }
 }
 
-/// One JSON line per run, for scripts.
-fn json_line(s: &Scenario, d: &Delivery, options: &Options) -> Value {
-    let is_app = d.run != "raw";
-    let open = if is_app { s.app_open.as_ref() } else { Some(&s.raw_open) };
+impl Delivery {
+    /// Copies delivered per second of publishing: the publisher's pace × the receivers, times
+    /// the share of the copies that arrived. `deliveries_per_s` runs from the first publish to
+    /// the last delivery, so it also counts the last message's latency as time and reads a little
+    /// under the offered rate even when every copy arrives promptly; for a paced phase whose
+    /// copies all arrived within a bounded p99, this is the rate sustained.
+    fn sustained_per_s(&self) -> f64 {
+        if self.expected == 0 {
+            return 0.0;
+        }
+        let arrived = (self.delivered as f64 / self.expected as f64).min(1.0);
+        self.achieved_rate * self.sessions as f64 * arrived
+    }
+
+    /// A paced phase published at its rate (within [`PACE_TOLERANCE`]) with no failure.
+    fn kept_pace(&self) -> bool {
+        self.publish_failed == 0 && (self.rate == 0.0 || self.achieved_rate >= PACE_TOLERANCE * self.rate)
+    }
+}
+
+/// A target phase judged against the issue's goal for process mode.
+struct TargetCheck {
+    /// [`TARGET_FACTOR`] × the raw ceiling (the raw burst's deliveries/s), in deliveries/s.
+    goal: f64,
+    sustained: f64,
+    kept_pace: bool,
+    /// Every copy of every accepted message arrived, and no session was cut.
+    complete: bool,
+    met: bool,
+}
+
+fn target_check(s: &Scenario, d: &Delivery) -> Option<TargetCheck> {
+    let raw = s.raw_for(d).filter(|_| d.load == Load::Target)?;
+    let goal = TARGET_FACTOR * raw.deliveries_per_s;
+    let sustained = d.sustained_per_s();
+    let kept_pace = d.kept_pace();
+    let complete = d.expected > 0 && d.delivered >= d.expected && d.lost == 0 && d.closed_early == 0;
+    let met = kept_pace && complete && d.p99_ms < TARGET_P99_MS && sustained >= PACE_TOLERANCE * goal;
+    Some(TargetCheck { goal, sustained, kept_pace, complete, met })
+}
+
+/// One JSON line per run, for scripts. `mode` is the app's fan-out mode, `null` for raw.
+/// `broker_rss_kib`: the broker's RSS right before and right after this run's receivers opened
+/// (raw: its N queues), after the phases (`end`), and what each receiver added.
+fn json_line(s: &Scenario, d: &Delivery) -> Value {
+    let setup = s.setup(d.mode);
+    let open = setup.map(|x| &x.open);
+    let memory = setup.map(|x| &x.memory);
     let mut line = json!({
         "bench": "fanout",
         "run": d.run,
         "load": d.load.name(),
-        "mode": options.mode_label(),
+        "mode": d.mode.map(Mode::name),
         "sessions": s.plan.sessions,
         "opened": open.map(|o| o.opened),
         "open_secs": open.map(|o| num(o.secs, 2)),
         "open_cpu_pct": open.map(|o| o.cpu.to_json()),
         "messages": d.messages,
-        "rate": d.rate,
+        "rate": num(d.rate, 3),
         "published": d.published,
         "publish_failed": d.publish_failed,
         "published_per_s": num(d.achieved_rate, 0),
@@ -1589,43 +1961,64 @@ fn json_line(s: &Scenario, d: &Delivery, options: &Options) -> Value {
         "gap_missed": d.gap_missed,
         "closed_early": d.closed_early,
         "cpu_pct": d.cpu.to_json(),
+        "broker_rss_kib": memory.map(|m| json!({
+            "before": m.broker.before_kib,
+            "open": m.broker.after_kib,
+            "end": m.broker_end_kib,
+            "per_session": m.broker.per_receiver_kib().map(|k| num(k, 1)),
+        })),
     });
-    if is_app {
+    if d.mode.is_some() {
         let raw = s.raw_for(d);
         line["vs_raw"] = json!({
             "deliveries_ratio": num(ratio(d, raw), 3),
             "p99_minus_raw_ms": num(p99_minus_raw(d, raw), 3),
         });
         line["rss_kib"] = json!({
-            "idle": s.memory.idle_kib,
-            "open": s.memory.open_kib,
-            "peak": s.memory.peak_kib,
-            "per_session": s.memory.per_session_kib().map(|k| num(k, 1)),
+            "idle": memory.and_then(|m| m.app.before_kib),
+            "open": memory.and_then(|m| m.app.after_kib),
+            "peak": memory.and_then(|m| m.app_peak_kib),
+            "per_session": memory.and_then(|m| m.app.per_receiver_kib()).map(|k| num(k, 1)),
+        });
+    }
+    if let Some(t) = target_check(s, d) {
+        line["target"] = json!({
+            "goal_deliveries_per_s": num(t.goal, 0),
+            "sustained_deliveries_per_s": num(t.sustained, 0),
+            "kept_pace": t.kept_pace,
+            "complete": t.complete,
+            "met": t.met,
         });
     }
     line
+}
+
+/// KiB per receiver, e.g. `16.5 KiB`.
+fn kib_each(v: Option<f64>) -> String {
+    v.map_or("-".into(), |k| format!("{k:.1} KiB"))
 }
 
 /// The report as Markdown tables, printed and written to BENCHMARKS.md.
 fn tables(scenarios: &[Scenario]) -> String {
     let mut out = String::new();
     out.push_str(
-        "| N | load | run | msgs × rate | delivered | deliveries/s | vs raw | p50 ms | p90 ms | p99 ms \
+        "| N | load | run | mode | msgs × rate | delivered | deliveries/s | vs raw | p50 ms | p90 ms | p99 ms \
          | max ms | p99 − raw | lost / dup / reorder | CPU app / broker / gen / other |\n",
     );
-    out.push_str("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    out.push_str("|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
     for s in scenarios {
-        for load in [Load::Steady, Load::Burst] {
-            for run in ["raw", "app-http", "app-amqp"] {
+        for load in [Load::Steady, Load::Burst, Load::Target] {
+            for run in RUNS {
                 let Some(d) = s.find(run, load) else { continue };
-                let is_app = d.run != "raw";
+                let is_app = d.mode.is_some();
                 let raw = s.raw_for(d);
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} × {} | {}/{} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
+                    "| {} | {} | {} | {} | {} × {} | {}/{} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
                     s.plan.sessions,
                     load.name(),
                     d.run,
+                    mode_label(d.mode),
                     d.messages,
                     describe_rate(d.rate),
                     d.delivered,
@@ -1650,25 +2043,31 @@ fn tables(scenarios: &[Scenario]) -> String {
             }
         }
     }
-    if scenarios.iter().any(|s| s.app_open.is_some()) {
-        out.push_str(
-            "\n| N | app idle RSS | RSS with N sessions | per session | peak RSS | sessions opened (app) \
-             | CPU app / broker / gen / other while opening | raw consumers opened |\n",
-        );
-        out.push_str("|---:|---:|---:|---:|---:|---|---|---|\n");
-        for s in scenarios {
-            let Some(app_open) = &s.app_open else { continue };
+    out.push_str(
+        "\n| N | mode | app idle RSS | app RSS with N sessions | app per session | app peak RSS \
+         | broker RSS before → with N open | broker per session | broker RSS after the phases | opened \
+         | CPU app / broker / gen / other while opening |\n",
+    );
+    out.push_str("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    for s in scenarios {
+        for setup in &s.setups {
+            let m = &setup.memory;
+            let app = |v: String| if setup.mode.is_some() { v } else { "-".into() };
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} → {} | {} | {} | {} | {} |",
                 s.plan.sessions,
-                kib(s.memory.idle_kib),
-                kib(s.memory.open_kib),
-                s.memory.per_session_kib().map_or("-".into(), |k| format!("{k:.1} KiB")),
-                kib(s.memory.peak_kib),
-                app_open.describe(),
-                app_open.cpu.describe(),
-                s.raw_open.describe(),
+                mode_label(setup.mode),
+                app(kib(m.app.before_kib)),
+                app(kib(m.app.after_kib)),
+                app(kib_each(m.app.per_receiver_kib())),
+                app(kib(m.app_peak_kib)),
+                kib(m.broker.before_kib),
+                kib(m.broker.after_kib),
+                kib_each(m.broker.per_receiver_kib()),
+                kib(m.broker_end_kib),
+                setup.open.describe(),
+                setup.open.cpu.describe(),
             );
         }
     }
@@ -1683,7 +2082,7 @@ fn targets(scenarios: &[Scenario]) -> String {
         let Some(s) = scenarios.iter().find(|s| s.plan.sessions == n) else { continue };
         // The ceiling is the burst phase; without one, the steady phase.
         let load = if s.plan.burst > 0 { Load::Burst } else { Load::Steady };
-        for run in ["app-http", "app-amqp"] {
+        for run in Mode::Session.runs() {
             let Some(d) = s.find(run, load) else { continue };
             let r = ratio(d, s.raw_for(d));
             let _ = writeln!(
@@ -1698,7 +2097,7 @@ fn targets(scenarios: &[Scenario]) -> String {
         }
     }
     if let Some(s) = scenarios.iter().find(|s| s.plan.sessions == 100) {
-        for run in ["app-http", "app-amqp"] {
+        for run in Mode::Session.runs() {
             let Some(d) = s.find(run, Load::Steady) else { continue };
             let diff = p99_minus_raw(d, s.raw_for(d));
             let _ = writeln!(
@@ -1711,12 +2110,66 @@ fn targets(scenarios: &[Scenario]) -> String {
             );
         }
     }
-    if let Some(s) = scenarios.iter().find(|s| s.plan.sessions == 5000)
-        && let Some(k) = s.memory.per_session_kib()
+    // Process mode: the issue's goal at N = 1,000, with the CPU shares behind every figure.
+    if let Some(s) =
+        scenarios.iter().find(|s| s.plan.sessions == 1000 && s.setup(Some(Mode::Process)).is_some())
     {
-        let _ = writeln!(out, "| N=5000: RSS per session < 50 KiB | {k:.1} KiB | {} |", verdict(k < 50.0));
+        let goal = format!(
+            "N=1000 process mode: ≥ {TARGET_FACTOR}× raw ceiling deliveries/s, sustained with p99 < \
+             {TARGET_P99_MS} ms, nothing lost"
+        );
+        let raw = s.find("raw", Load::Burst);
+        for run in Mode::Process.runs() {
+            let (Some(d), Some(raw)) = (s.find(run, Load::Target), raw) else {
+                let _ =
+                    writeln!(out, "| {goal} ({run}) | not measured: no raw burst to pace it by | **no** |");
+                continue;
+            };
+            let Some(t) = target_check(s, d) else { continue };
+            let pace = if t.kept_pace {
+                String::new()
+            } else {
+                format!(
+                    "**offered rate not achieved**: published {:.1}/s of {}, {} failed; ",
+                    d.achieved_rate,
+                    describe_rate(d.rate),
+                    d.publish_failed
+                )
+            };
+            let _ = writeln!(
+                out,
+                "| {goal} ({run}) | {pace}{:.0}/s sustained (window {:.0}/s) vs {TARGET_FACTOR} × {:.0} = {:.0}/s \
+                 ({:.2}×); p99 {} ms; lost {}, {}/{} delivered; CPU app / broker / gen / other {} (raw burst: {}) \
+                 | {} |",
+                t.sustained,
+                d.deliveries_per_s,
+                raw.deliveries_per_s,
+                t.goal,
+                if raw.deliveries_per_s > 0.0 { t.sustained / raw.deliveries_per_s } else { f64::NAN },
+                ms(d.p99_ms),
+                d.lost,
+                d.delivered,
+                d.expected,
+                d.cpu.describe(),
+                raw.cpu.describe(),
+                verdict(t.met)
+            );
+        }
     }
-    if let Some(idle) = scenarios.iter().filter_map(|s| s.memory.idle_kib).max() {
+    for s in scenarios.iter().filter(|s| s.plan.sessions == 5000) {
+        for app in s.apps() {
+            let Some(k) = app.memory.app.per_receiver_kib() else { continue };
+            let mode = mode_label(app.mode);
+            let _ = writeln!(
+                out,
+                "| N=5000 {mode} mode: RSS per session < 50 KiB | {k:.1} KiB | {} |",
+                verdict(k < 50.0)
+            );
+        }
+    }
+    if let Some(idle) =
+        scenarios.iter().flat_map(Scenario::apps).filter_map(|a| a.memory.app.before_kib).max()
+    {
         let _ = writeln!(
             out,
             "| idle process < 20 MiB (largest idle RSS of the runs) | {:.1} MiB | {} |",
@@ -1724,27 +2177,38 @@ fn targets(scenarios: &[Scenario]) -> String {
             verdict(idle < 20 * 1024)
         );
     }
-    let bad: Vec<String> = scenarios
-        .iter()
-        .flat_map(|s| &s.runs)
-        .filter(|d| d.lost + d.duplicated + d.reordered + d.closed_early > 0)
-        .map(|d| {
-            format!(
-                "N={} {} {}: {} lost, {} dup, {} reordered, {} closed",
-                d.sessions,
-                d.run,
-                d.load.name(),
-                d.lost,
-                d.duplicated,
-                d.reordered,
-                d.closed_early
-            )
-        })
-        .collect();
-    let measured = if bad.is_empty() { "0 in every run".to_owned() } else { bad.join("; ") };
+    // The steady and burst phases stay within what the design must deliver whole. The target
+    // phase offers 3 × the per-session ceiling, which at small N is more than any part of the
+    // machine can take (process mode then drops at its queue's x-max-length): it is judged in
+    // its own row at N=1000, and its faults elsewhere are listed here without a verdict.
+    let faults = |target: bool| -> Vec<String> {
+        scenarios
+            .iter()
+            .flat_map(|s| &s.runs)
+            .filter(|d| (d.load == Load::Target) == target)
+            .filter(|d| d.lost + d.duplicated + d.reordered + d.closed_early > 0)
+            .map(|d| {
+                format!(
+                    "N={} {} {}: {} lost, {} dup, {} reordered, {} closed",
+                    d.sessions,
+                    d.run,
+                    d.load.name(),
+                    d.lost,
+                    d.duplicated,
+                    d.reordered,
+                    d.closed_early
+                )
+            })
+            .collect()
+    };
+    let (bad, beyond) = (faults(false), faults(true));
+    let mut measured = if bad.is_empty() { "0 in every run".to_owned() } else { bad.join("; ") };
+    if !beyond.is_empty() {
+        let _ = write!(measured, " (target phases, not judged here: {})", beyond.join("; "));
+    }
     let _ = writeln!(
         out,
-        "| zero loss / duplicates / reordering at every N | {measured} | {} |",
+        "| zero loss / duplicates / reordering at every N (steady and burst) | {measured} | {} |",
         verdict(bad.is_empty())
     );
     out
@@ -1753,7 +2217,7 @@ fn targets(scenarios: &[Scenario]) -> String {
 /// How we know the generator is not what limits the figures.
 fn generator_checks(scenarios: &[Scenario]) -> String {
     let mut out = String::new();
-    for load in [Load::Steady, Load::Burst] {
+    for load in [Load::Steady, Load::Burst, Load::Target] {
         let max_gen = scenarios
             .iter()
             .flat_map(|s| &s.runs)
@@ -1819,20 +2283,21 @@ fn generator_checks(scenarios: &[Scenario]) -> String {
                 if kept_up { "it keeps up" } else { "**it did not keep up**: figures at this N are suspect" }
             );
         }
-        for d in s.runs.iter().filter(|d| d.load == Load::Steady && d.run != "raw") {
-            if d.achieved_rate < d.rate * 0.95 {
-                let _ = writeln!(
-                    out,
-                    "- N={} {}: published only {:.0}/s of the {} asked.",
-                    s.plan.sessions,
-                    d.run,
-                    d.achieved_rate,
-                    describe_rate(d.rate)
-                );
-            }
+        // A paced phase whose publisher fell behind offered less than it says.
+        for d in s.runs.iter().filter(|d| d.load != Load::Burst && d.mode.is_some() && !d.kept_pace()) {
+            let _ = writeln!(
+                out,
+                "- N={} {} {}: published only {:.0}/s of the {} asked ({} failed).",
+                s.plan.sessions,
+                d.run,
+                d.load.name(),
+                d.achieved_rate,
+                describe_rate(d.rate),
+                d.publish_failed
+            );
         }
         // At saturation: the same generator took the raw run higher than the app runs.
-        let burst: Vec<String> = ["raw", "app-http", "app-amqp"]
+        let burst: Vec<String> = RUNS
             .iter()
             .filter_map(|run| s.find(run, Load::Burst))
             .map(|d| {
@@ -1905,7 +2370,7 @@ fn markdown(options: &Options, m: &Machine, scenarios: &[Scenario], started: &st
     let _ = writeln!(out, "| | |\n|---|---|");
     let _ = writeln!(out, "| date | {started} (the run took {secs:.0} s) |");
     let _ = writeln!(out, "| command | `{}` |", options.command_line());
-    let _ = writeln!(out, "| fan-out mode | {} |", options.mode_label());
+    let _ = writeln!(out, "| fan-out modes | {} |", options.modes_label());
     let _ = writeln!(
         out,
         "| machine | {} cores, {} memory, {} (Linux {}) |",
@@ -1915,28 +2380,51 @@ fn markdown(options: &Options, m: &Machine, scenarios: &[Scenario], started: &st
     let _ = writeln!(out, "| app | `target/release/fanout-chat`, commit {}; {} |", m.commit, m.rustc);
     out.push_str("\n## Delivery\n\n");
     out.push_str(
-        "Per N, each phase runs three times on the same broker: **raw** (no web server: N lapin consumers \
-         laid out like the app's sessions — 4 connections, 32 per channel, prefetch 64, manual acks, \
-         x-max-length 1000 drop-head — fed by a lapin publisher in confirm mode), **app-http** \
-         (`POST /messages` from 16 keep-alive clients, 256 in the burst, each sending after its previous 202) and **app-amqp** \
-         (the same lapin publisher straight into the app's exchange, as another service would). \
+        "Per N, each phase runs up to five times on the same broker. **raw**: no web server, the broker \
+         laid out as the app lays it out — N lapin consumers like the app's sessions (4 connections, 32 per \
+         channel, prefetch 64, manual acks, each its own queue with x-max-length 1000 drop-head) plus the \
+         app's history stream on the exchange (a durable stream `<exchange>.history`, 7 days / 100 MB in \
+         25 MB segments, followed by one consumer with prefetch 500 that acks every delivery, so every \
+         publish is also written to the stream and read back once) — fed by a lapin publisher in confirm \
+         mode. This is the broker's ceiling for this design: N session queues + the history stream. Then \
+         the app, started once per fan-out mode, each start with its own exchange, stream and sessions: \
+         in the default per-session mode (a queue per session) **app-http** (`POST /messages` from 16 \
+         keep-alive clients, 256 in the burst and target phases, each sending after its previous 202) and \
+         **app-amqp** (the same lapin publisher straight into the app's exchange, as another service \
+         would); in process mode (`NOTIFIER_FANOUT_MODE=process`: one queue per process, copies made in \
+         memory) the same as **proc-http** and **proc-amqp**. \
          **steady**: M messages paced at the rate shown (5,000 deliveries/s offered by default), for latency \
          below saturation. **burst**: messages published as fast as the broker confirms them, for the \
-         ceiling (at most 900, so a session queue can never reach x-max-length and drop). \
+         ceiling (at most 900, so a session queue can never reach x-max-length and drop). **target** \
+         (process mode only): paced at 3 × the raw burst's deliveries/s at the same N, for about 6 s, the \
+         issue's goal for that mode. \
          Latency is from the send to the arrival of each copy in each session; deliveries/s counts every \
          copy over the window from the first publish to the last delivery. *vs raw* is the app's \
-         deliveries/s over the raw run's at the same load; *p99 − raw* the difference of the p99s. CPU is \
-         in % of one core over the window (the machine has cores × 100 %); *other* is every other process \
-         on the machine.\n\n",
+         deliveries/s over the same raw run's at the same load (for the target phase, over the raw burst); \
+         *p99 − raw* the difference of the p99s. CPU is in % of one core over the window (the machine has \
+         cores × 100 %); *other* is every other process on the machine.\n\n",
     );
     out.push_str(&tables(scenarios));
+    out.push_str(
+        "\nMemory is RSS. The app's: idle (its broker link up, no session), with the N sessions open, and \
+         its peak. The broker's (the `beam.smp` on port 5672): right before and right after the N \
+         receivers opened — raw consumers with their queues, or the app's sessions — so *broker per \
+         session* is what one session queue costs the broker (raw, per-session mode) and, in process \
+         mode, what a session costs it without one; and again after the phases. The Erlang VM reuses \
+         memory it freed (the previous run's queues) before it grows, so a run that follows a larger one \
+         can read low.\n",
+    );
     out.push_str("\n## Targets\n\n");
     out.push_str(&targets(scenarios));
     out.push_str(
         "\nThroughput is judged on the burst phase (the ceiling), latency on the steady phase. Burst figures \
          move from run to run: on the 2-core machine this tool was written on, over five runs the app-to-raw \
          burst ratio at N=1000 ranged from 0.48 to 1.05 (usually 0.5–0.8), and p99 − raw at N=100 from +4 to \
-         +7.5 ms. Judge the targets over a few runs.\n",
+         +7.5 ms (measured before the raw run had the history stream). Judge the targets over a few runs. \
+         The process-mode target is judged on its target phase: the publisher kept the offered pace \
+         (3 × the raw ceiling), every copy arrived (nothing lost, no session cut) and p99 < 100 ms; \
+         *sustained* is copies delivered per second of publishing, which the window figure (up to the \
+         last delivery) reads a little under.\n",
     );
     out.push_str("\n## Is the generator the bottleneck?\n\n");
     out.push_str(&generator_checks(scenarios));
@@ -1958,15 +2446,22 @@ fn markdown(options: &Options, m: &Machine, scenarios: &[Scenario], started: &st
          waits (up to 20 s) for them to calm down; what was left then: {}.",
         background.join("; ")
     );
-    let warnings: usize = scenarios.iter().map(|s| s.server_warnings.len()).sum();
-    let exits: Vec<String> =
-        scenarios.iter().map(|s| format!("N={}: {}", s.plan.sessions, s.server_exit)).collect();
+    let warnings: usize = scenarios.iter().flat_map(Scenario::apps).map(|a| a.warnings.len()).sum();
+    let exits: Vec<String> = scenarios
+        .iter()
+        .flat_map(|s| {
+            s.apps().map(|a| {
+                let exit = a.exit.as_deref().unwrap_or("-");
+                format!("N={} {}: {exit}", s.plan.sessions, mode_label(a.mode))
+            })
+        })
+        .collect();
     let _ =
         writeln!(out, "\nApp warnings logged: {warnings}. App exits after SIGTERM: {}.", exits.join("; "));
     out.push_str("\n## JSON lines\n\n```json\n");
     for s in scenarios {
         for d in &s.runs {
-            let _ = writeln!(out, "{}", json_line(s, d, options));
+            let _ = writeln!(out, "{}", json_line(s, d));
         }
     }
     out.push_str("```\n");
@@ -2018,7 +2513,7 @@ async fn main() {
         let plan = Plan::for_sessions(n, &options);
         let scenario = run_scenario(plan, &options, &binary, &run_id, broker).await;
         for d in &scenario.runs {
-            println!("{}", json_line(&scenario, d, &options));
+            println!("{}", json_line(&scenario, d));
         }
         scenarios.push(scenario);
     }
