@@ -33,8 +33,9 @@ async fn one_process_holds_5000_sessions_and_delivers_to_all_of_them() {
         .map(|l| l.rsplit('\t').next().unwrap().trim().parse().unwrap())
         .collect();
     assert_eq!(ours.len(), rabbit.consumer_connections, "{connections}");
-    // One channel per `sessions_per_channel` sessions, plus the replica's overflow consumer.
-    let expected = SESSIONS.div_ceil(rabbit.sessions_per_channel) + 1;
+    // One channel per `sessions_per_channel` sessions, plus the replica's overflow consumer and
+    // its history stream reader.
+    let expected = SESSIONS.div_ceil(rabbit.sessions_per_channel) + 2;
     assert_eq!(ours.iter().sum::<usize>(), expected, "channels: {ours:?}");
     assert!(ours.iter().all(|&c| c <= rabbit.channels_per_connection), "channels per connection: {ours:?}");
 
