@@ -312,27 +312,8 @@ impl RabbitBus {
         // belongs to its connection): if either fails, that closes this channel only, not the
         // shared one that carries other sessions' consumers.
         let setup = link.connections[lease.0.connection].create_channel().await?;
-        let mut arguments = FieldTable::default();
-        arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length));
-        arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
-        arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(OVERFLOW_EXCHANGE.into()));
-        arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(session.into()));
-        setup
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-                arguments,
-            )
-            .await?;
-        setup
-            .queue_bind(
-                queue.into(),
-                config.exchange.as_str().into(),
-                ShortString::from(""),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        let arguments = bounded_queue(config.queue_max_length, session);
+        declare_exclusive_bound(&setup, queue, arguments, &config.exchange, "").await?;
         let _ = setup.close(200, "OK".into()).await;
         let channel = &lease.0.channel;
         // An empty tag lets the broker name the consumer, so a retry never collides with a
@@ -744,22 +725,8 @@ async fn count_overflow(shared: &Arc<Shared>, connection: &Connection) -> Result
     let queue = format!("fanout-chat.{}.overflow", shared.replica);
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(OVERFLOW_QUEUE_MAX_LENGTH));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            arguments,
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            OVERFLOW_EXCHANGE.into(),
-            format!("fanout-chat.{}.*", shared.replica).into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let pattern = format!("fanout-chat.{}.*", shared.replica);
+    declare_exclusive_bound(&channel, &queue, arguments, OVERFLOW_EXCHANGE, &pattern).await?;
     let mut consumer = channel
         .basic_consume(
             queue.as_str().into(),
@@ -789,6 +756,40 @@ async fn count_overflow(shared: &Arc<Shared>, connection: &Connection) -> Result
     Ok(())
 }
 
+/// The arguments of a session's (or the process's) queue: at most `max_length` ready messages,
+/// the oldest dropped first and dead-lettered under `dead_letter_key` to the overflow exchange,
+/// where this replica counts them.
+fn bounded_queue(max_length: i32, dead_letter_key: &str) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-max-length".into(), AMQPValue::LongInt(max_length));
+    arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
+    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(OVERFLOW_EXCHANGE.into()));
+    arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(dead_letter_key.into()));
+    arguments
+}
+
+/// Declares an exclusive, auto-delete queue and binds it to `exchange` with `routing_key`.
+async fn declare_exclusive_bound(
+    channel: &Channel,
+    queue: &str,
+    arguments: FieldTable,
+    exchange: &str,
+    routing_key: &str,
+) -> Result<(), lapin::Error> {
+    let options = QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() };
+    channel.queue_declare(queue.into(), options, arguments).await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
+}
+
 /// The queue of `process` fan-out mode.
 fn process_queue(replica: &str) -> String {
     format!("fanout-chat.{replica}.process")
@@ -804,29 +805,10 @@ async fn consume_for_process(
     let config = &shared.config;
     let channel = connection.create_channel().await?;
     let queue = process_queue(&shared.replica);
-    let mut arguments = FieldTable::default();
-    arguments.insert("x-max-length".into(), AMQPValue::LongInt(config.queue_max_length));
-    arguments.insert("x-overflow".into(), AMQPValue::LongString("drop-head".into()));
     // What it drops when full (the process fell behind the broker) is counted like a session
     // queue's drops, and every session of the process is told.
-    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(OVERFLOW_EXCHANGE.into()));
-    arguments.insert("x-dead-letter-routing-key".into(), AMQPValue::LongString(queue.as_str().into()));
-    channel
-        .queue_declare(
-            queue.as_str().into(),
-            QueueDeclareOptions { exclusive: true, auto_delete: true, ..Default::default() },
-            arguments,
-        )
-        .await?;
-    channel
-        .queue_bind(
-            queue.as_str().into(),
-            config.exchange.as_str().into(),
-            ShortString::from(""),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let arguments = bounded_queue(config.queue_max_length, &queue);
+    declare_exclusive_bound(&channel, &queue, arguments, &config.exchange, "").await?;
     channel.basic_qos(config.prefetch, BasicQosOptions { global: false }).await?;
     let mut consumer = channel
         .basic_consume(
