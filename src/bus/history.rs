@@ -315,6 +315,7 @@ impl History {
             last_next: start.seq,
             recent: [0; RECENT_KEYS],
             recent_at: 0,
+            catching_up: false,
             live,
             // With history off there is nothing to replay, nor anything to wait for.
             phase: if self.0.capacity == 0 { Phase::Live } else { Phase::Replay { pending: None } },
@@ -342,6 +343,9 @@ pub struct Resume {
     /// `catch_up`) skips these instead of sending them twice.
     recent: [u64; RECENT_KEYS],
     recent_at: usize,
+    /// Replaying after an outage (not a `since` resume): only then are `recent` skipped, as
+    /// identical notifications from another service may legitimately repeat.
+    catching_up: bool,
     live: Live,
     phase: Phase,
     /// Sent first: why some of what the session asked for cannot be replayed.
@@ -371,7 +375,12 @@ impl Resume {
         match &event {
             Some(Event::Message(frame, _)) => {
                 self.last_key = Some(frame.key());
-                self.last_next = *self.changes.borrow();
+                // Exact when the message is in the window already; otherwise where the window
+                // is now, which it has not passed (its reader lags the queue).
+                self.last_next = self
+                    .history
+                    .seq_of_key(frame.key())
+                    .map_or_else(|| *self.changes.borrow(), |seq| seq + 1);
                 self.recent[self.recent_at % RECENT_KEYS] = frame.key();
                 self.recent_at += 1;
             }
@@ -396,6 +405,7 @@ impl Resume {
         };
         tracing::debug!(cursor = self.cursor, "catching up from the history window after an outage");
         self.phase = Phase::Replay { pending: None };
+        self.catching_up = true;
     }
 
     async fn next_event(&mut self) -> Option<Event> {
@@ -428,9 +438,12 @@ impl Resume {
                                 // The window sent this one: switch to the queue here.
                                 let ack = pending.take().and_then(|p| p.ack);
                                 self.phase = Phase::Skip { until: self.cursor };
+                                self.catching_up = false;
                                 return Some(Event::Duplicate(ack));
                             }
-                            _ if held.since.elapsed() >= HANDOVER_TIMEOUT => {
+                            // Only when the window does not have it at all: if it does, the
+                            // replay is sure to reach it.
+                            None if held.since.elapsed() >= HANDOVER_TIMEOUT => {
                                 // What the window has not reached yet was published before
                                 // the queue was bound: this session may not get it. Say so.
                                 tracing::warn!(
@@ -439,6 +452,7 @@ impl Resume {
                                 );
                                 let held = pending.take()?;
                                 self.phase = Phase::Live;
+                                self.catching_up = false;
                                 self.notice = Some(Event::Message(held.frame, held.ack));
                                 return Some(Event::ReplayGap {
                                     reason: "the history could not be replayed in time; messages sent just \
@@ -454,7 +468,7 @@ impl Resume {
                     match self.history.get(self.cursor) {
                         Ok(Some(entry)) => {
                             self.cursor += 1;
-                            if self.recent_at > 0 && self.recent.contains(&entry.frame.key()) {
+                            if self.catching_up && self.recent.contains(&entry.frame.key()) {
                                 continue; // Delivered by the queue just before an outage.
                             }
                             return Some(Event::Message(entry.frame, None));

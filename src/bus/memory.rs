@@ -117,6 +117,11 @@ impl MemorySubscription {
                             self.held = Some(other);
                             break;
                         }
+                        // Fell behind meanwhile: those are missed too.
+                        Err(broadcast::error::TryRecvError::Lagged(skipped)) => {
+                            self.metrics.skipped.fetch_add(skipped, Relaxed);
+                            count += skipped;
+                        }
                         Err(_) => break,
                     }
                 }

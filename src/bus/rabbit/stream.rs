@@ -121,7 +121,13 @@ pub(super) async fn follow(
     tracing::debug!(%stream, start, "following the history stream");
     let shared = shared.clone();
     tokio::spawn(async move {
-        while let Some(Ok(delivery)) = consumer.next().await {
+        // `None`: the consumer ended without an error (the broker cancelled it).
+        let failed = loop {
+            let delivery = match consumer.next().await {
+                Some(Ok(delivery)) => delivery,
+                Some(Err(e)) => break Some(e),
+                None => break None,
+            };
             let Some(offset) = stream_offset(&delivery) else { continue };
             // Queued with lapin, not waited for (see `Ack::send`).
             let _ = delivery.acker.ack(BasicAckOptions::default()).now_or_never();
@@ -138,13 +144,13 @@ pub(super) async fn follow(
             if let Some(entry) = into_entry(delivery, offset, shared.max_frame_bytes) {
                 shared.history.append(entry);
             }
-        }
+        };
         // With the connection lost, the next link resumes where this one stopped. Otherwise
         // the broker ended the consumer on a live channel: the stream was deleted (and may be
         // declared again, starting over at offset 0). Rebuild the link, refilling the window
         // from the new stream's end; a window that silently stopped growing would leave
         // resuming sessions waiting on it.
-        if channel.status().connected() && !shared.shutdown.is_cancelled() {
+        if failed.is_none() && channel.status().connected() && !shared.shutdown.is_cancelled() {
             tracing::warn!(stream = %log_stream, "the history stream's reader was stopped by the broker; rebuilding the link");
             *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
             shared.history.clear();
