@@ -5,13 +5,15 @@
 //! [`ChaosProxy::cut`] closes every current connection at once and refuses new ones (accepted,
 //! then closed at once) until [`ChaosProxy::restore`]; [`ChaosProxy::stall`] keeps connections
 //! open but forwards no byte in either direction (a silent network: only heartbeats or
-//! timeouts notice it) until [`ChaosProxy::restore`]. Every task watches one `watch` channel:
-//! when the proxy is dropped, its sender goes, and every task ends.
+//! timeouts notice it) until [`ChaosProxy::restore`]. [`ChaosProxy::stall_connection`] does
+//! the same to one connection, by the order it was accepted in (the app opens its publishing
+//! connection first, then its consumer connections). Every task watches the proxy's `watch`
+//! channel: when the proxy is dropped, its sender goes, and every task ends.
 
 use std::{
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
@@ -44,7 +46,11 @@ pub struct ChaosProxy {
     /// Connections currently proxied (both sockets open).
     live: Arc<watch::Sender<usize>>,
     counts: Arc<Counts>,
+    /// The mode of each forwarded connection of its own, in the order accepted.
+    connections: Connections,
 }
+
+type Connections = Arc<Mutex<Vec<watch::Sender<Mode>>>>;
 
 impl ChaosProxy {
     /// Starts a proxy on 127.0.0.1 (a free port) that forwards to `upstream`.
@@ -54,8 +60,16 @@ impl ChaosProxy {
         let (mode, watcher) = watch::channel(Mode::Forward);
         let live = Arc::new(watch::Sender::new(0));
         let counts = Arc::new(Counts::default());
-        tokio::spawn(accept_loop(listener, upstream, watcher, live.clone(), counts.clone()));
-        Self { address, mode, live, counts }
+        let connections = Connections::default();
+        tokio::spawn(accept_loop(
+            listener,
+            upstream,
+            watcher,
+            live.clone(),
+            counts.clone(),
+            connections.clone(),
+        ));
+        Self { address, mode, live, counts, connections }
     }
 
     pub fn port(&self) -> u16 {
@@ -94,6 +108,20 @@ impl ChaosProxy {
         tokio::task::yield_now().await;
     }
 
+    /// Stalls only the `index`th connection accepted (from 0), until [`Self::restore_connection`].
+    pub async fn stall_connection(&self, index: usize) {
+        self.set_connection(index, Mode::Stall).await;
+    }
+
+    pub async fn restore_connection(&self, index: usize) {
+        self.set_connection(index, Mode::Forward).await;
+    }
+
+    async fn set_connection(&self, index: usize, mode: Mode) {
+        self.connections.lock().unwrap()[index].send_replace(mode);
+        tokio::task::yield_now().await;
+    }
+
     /// Forwards again: stalled connections carry on with what they held, new ones are accepted.
     pub async fn restore(&self) {
         self.mode.send_replace(Mode::Forward);
@@ -107,6 +135,7 @@ async fn accept_loop(
     mut mode: watch::Receiver<Mode>,
     live: Arc<watch::Sender<usize>>,
     counts: Arc<Counts>,
+    connections: Connections,
 ) {
     loop {
         let accepted = tokio::select! {
@@ -129,7 +158,33 @@ async fn accept_loop(
             continue;
         }
         counts.forwarded.fetch_add(1, Relaxed);
-        tokio::spawn(proxy_connection(client, upstream, mode.clone(), guard));
+        let (own, own_watcher) = watch::channel(Mode::Forward);
+        connections.lock().unwrap().push(own);
+        let (effective, effective_watcher) = watch::channel(Mode::Forward);
+        tokio::spawn(combine(mode.clone(), own_watcher, effective));
+        tokio::spawn(proxy_connection(client, upstream, effective_watcher, guard));
+    }
+}
+
+/// Keeps one connection's mode the stricter of the proxy's and its own (Cut over Stall over
+/// Forward). Ends, ending the connection's pumps, when the proxy is dropped.
+async fn combine(
+    mut proxy: watch::Receiver<Mode>,
+    mut own: watch::Receiver<Mode>,
+    effective: watch::Sender<Mode>,
+) {
+    let strictness = |m: Mode| match m {
+        Mode::Forward => 0,
+        Mode::Stall => 1,
+        Mode::Cut => 2,
+    };
+    loop {
+        let (p, o) = (*proxy.borrow_and_update(), *own.borrow_and_update());
+        effective.send_replace(if strictness(p) >= strictness(o) { p } else { o });
+        tokio::select! {
+            changed = proxy.changed() => if changed.is_err() { return },
+            changed = own.changed() => if changed.is_err() { return },
+        }
     }
 }
 
@@ -332,6 +387,26 @@ mod tests {
 
         proxy.restore().await;
         within("the held bytes", stream.read_exact(&mut back)).await.unwrap();
+        assert_eq!(&back, b"held");
+    }
+
+    #[tokio::test]
+    async fn stalling_one_connection_holds_only_its_bytes() {
+        let proxy = ChaosProxy::start(echo_server().await).await;
+        let mut first = connect(&proxy).await;
+        assert_eq!(echo(&mut first, b"one").await, b"one");
+        let mut second = connect(&proxy).await;
+        assert_eq!(echo(&mut second, b"two").await, b"two");
+
+        proxy.stall_connection(1).await;
+        second.write_all(b"held").await.unwrap();
+        let mut back = [0u8; 4];
+        let early = tokio::time::timeout(Duration::from_millis(300), second.read_exact(&mut back)).await;
+        assert!(early.is_err(), "nothing comes back on the stalled connection");
+        assert_eq!(echo(&mut first, b"free").await, b"free", "the other connection flows");
+
+        proxy.restore_connection(1).await;
+        within("the held bytes", second.read_exact(&mut back)).await.unwrap();
         assert_eq!(&back, b"held");
     }
 

@@ -2,17 +2,20 @@
 //! stalled or the link is cut during a flood, with repeated notifications from other services,
 //! and paging past messages older than the window. Written by a review of the history feature
 //! as reproductions of what it found; each now asserts the fixed behaviour. The real app, the
-//! real RabbitMQ at 127.0.0.1:5672, and a TCP proxy that can stall one broker connection.
+//! real RabbitMQ at 127.0.0.1:5672, and the chaos proxy of tests/api (which can also stall one
+//! broker connection).
 //! Run: `cargo test --test history_faults`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, reason = "tests fail loudly")]
 
+#[path = "../api/chaos.rs"]
+mod chaos;
 #[path = "../api/helpers.rs"]
 mod helpers;
-mod proxy;
 
 use std::time::{Duration, Instant};
 
+use chaos::ChaosProxy;
 use fanout_chat::{
     chat::{Draft, Envelope},
     config::FanoutMode,
@@ -25,7 +28,6 @@ use lapin::{
     BasicProperties,
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions},
 };
-use proxy::Proxy;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -245,7 +247,7 @@ async fn the_window_keeps_filling_after_the_stream_is_deleted_and_declared_again
 // told first (a gap frame) that messages before this point may be missing: never silently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_history_reader_makes_a_resuming_session_say_what_it_may_have_missed() {
-    let proxy = Proxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
+    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
     let mut config = test_config(BusKind::Rabbit);
     let rabbit = config.rabbitmq.as_mut().unwrap();
     rabbit.port = proxy.port();
@@ -259,13 +261,13 @@ async fn a_stalled_history_reader_makes_a_resuming_session_say_what_it_may_have_
     wait_for_history(&app, seen["id"].as_str().unwrap()).await;
 
     // Accepted connections: 0 publish, 1 consume-1 (the follower), 2 consume-2.
-    proxy.stall(1);
+    proxy.stall_connection(1).await;
     let m1 = app.post_text("missed 1").await;
     let m2 = app.post_text("missed 2").await;
     let mut back = app.connect_since(seen["id"].as_str().unwrap()).await;
     let m3 = app.post_text("after the session is bound").await;
     let first = frame_within(&mut back, Duration::from_secs(8)).await.expect("a frame within 8 s");
-    proxy.restore(1);
+    proxy.restore_connection(1).await;
     let m4 = app.post_text("later").await;
     let (rest, _) = frames_until(&mut back, m4["id"].as_str().unwrap(), Duration::from_secs(8)).await;
     let mut got = vec![first];
@@ -287,7 +289,7 @@ async fn a_stalled_history_reader_makes_a_resuming_session_say_what_it_may_have_
 // A steady stream of messages from another service across a cut; every message must reach
 // the session once, in order.
 async fn a_flood_across_a_cut(mode: FanoutMode) {
-    let proxy = Proxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
+    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
     let mut config = test_config(BusKind::Rabbit);
     let rabbit = config.rabbitmq.as_mut().unwrap();
     rabbit.port = proxy.port();
@@ -312,9 +314,9 @@ async fn a_flood_across_a_cut(mode: FanoutMode) {
         sent
     });
     tokio::time::sleep(Duration::from_millis(800)).await;
-    proxy.cut_all().await;
+    proxy.cut().await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    proxy.restore_all();
+    proxy.restore().await;
     let sent = within("the publisher", publisher).await.unwrap();
     let (frames, complete) = frames_until(&mut session, sent.last().unwrap(), Duration::from_secs(20)).await;
     app.stop().await;
@@ -477,7 +479,7 @@ async fn pages_read_from_the_middle_of_multi_message_chunks_are_exact() {
 // in this replica's window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnect_the_window_follows_a_re_declared_stream_from_its_start() {
-    let proxy = Proxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
+    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
     let mut config = test_config(BusKind::Rabbit);
     let rabbit = config.rabbitmq.as_mut().unwrap();
     rabbit.port = proxy.port();
@@ -499,9 +501,9 @@ async fn after_a_reconnect_the_window_follows_a_re_declared_stream_from_its_star
     second.replica = format!("second-{}", ulid::Ulid::new());
     let second = spawn_app_with(second).await;
     // A broker blip for replica one: it reconnects and resumes following.
-    proxy.cut_all().await;
+    proxy.cut().await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    proxy.restore_all();
+    proxy.restore().await;
     app.wait_until_ready().await;
 
     let new = app.post_text("on the new stream").await;
