@@ -108,7 +108,7 @@ fn app_like_properties(envelope: &Envelope) -> BasicProperties {
 // that resumes after the FIRST copy skip everything up to the SECOND one (by_random / by_key
 // collapse identical content onto the newest window entry).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resuming_after_a_repeated_foreign_notification_skips_what_came_between() {
+async fn resuming_after_a_repeated_foreign_notification_skips_nothing_between() {
     let app = spawn_app(BusKind::Rabbit).await;
     let service = service().await;
     let mut session = app.connect().await;
@@ -149,7 +149,7 @@ async fn resuming_after_a_repeated_foreign_notification_skips_what_came_between(
 /// The same with a `timestamp` (what the README advises for foreign messages): two identical
 /// notifications within one second get the same id, deterministically.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resuming_after_a_repeated_timestamped_notification_skips_what_came_between() {
+async fn resuming_after_a_repeated_timestamped_notification_skips_nothing_between() {
     let app = spawn_app(BusKind::Rabbit).await;
     let service = service().await;
     let mut session = app.connect().await;
@@ -388,7 +388,7 @@ async fn a_flood_across_a_cut_in_session_mode() {
 // stream-read permits that long; `?before=<any recent ULID not in the window>` does that. A
 // handful of such requests make every stream read of everyone else answer 503.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_few_pages_before_unknown_ids_starve_everyone_elses_history_reads() {
+async fn pages_before_unknown_ids_do_not_starve_other_history_reads() {
     let mut config = test_config(BusKind::Rabbit);
     config.history_window = 5;
     let app = spawn_app_with(config).await;
