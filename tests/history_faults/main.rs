@@ -82,14 +82,20 @@ async fn frames_until(session: &mut WsClient, id: &str, bound: Duration) -> (Vec
     }
 }
 
+/// Publishes as another service would, and waits for the broker's confirm: the message is then
+/// routed before anything the test publishes next (without confirm mode the "confirm" resolves
+/// at once, and a POST through the app could overtake it).
 async fn publish_foreign(service: &Service, exchange: &str, body: &[u8], properties: BasicProperties) {
-    service
+    // Selecting confirm mode again on a channel already in it is a no-op.
+    service.channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
+    let confirmation = service
         .channel
         .basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body, properties)
         .await
         .expect("publish")
         .await
         .expect("confirmed");
+    assert!(confirmation.is_ack(), "the broker confirmed the publish: {confirmation:?}");
 }
 
 fn envelope(text: &str) -> Envelope {
