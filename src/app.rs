@@ -9,62 +9,13 @@ use std::{
     future::{Future, IntoFuture},
     io,
     net::{Ipv4Addr, SocketAddr},
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::Arc,
 };
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{
-    bus::{Bus, BusError},
-    chat::Envelope,
-    config::Config,
-    http,
-    limits::Limits,
-    metrics::Metrics,
-};
-
-/// What every handler can reach. Cheap to clone.
-#[derive(Clone)]
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub bus: Bus,
-    pub metrics: Arc<Metrics>,
-    pub limits: Arc<Limits>,
-    /// Cancelled at the stop signal: readiness turns 503 and new sessions are refused, while
-    /// open ones are served on for the drain period.
-    pub draining: CancellationToken,
-    /// Cancelled when the process starts shutting down: sessions close on it.
-    pub shutdown: CancellationToken,
-    /// Every WebSocket session task, so shutdown can wait for them.
-    pub sessions: TaskTracker,
-    /// `?v=` of the page's asset URLs: changes with every build, so browsers never mix an old
-    /// script with a new page.
-    pub asset_version: Arc<str>,
-}
-
-impl AppState {
-    /// Shutting down: not ready, no new sessions.
-    pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
-    }
-
-    /// Publishes on the bus, counting the outcome.
-    pub async fn publish(&self, envelope: &Envelope) -> Result<(), BusError> {
-        let started = std::time::Instant::now();
-        let result = self.bus.publish(envelope).await;
-        match result {
-            Ok(()) => {
-                self.metrics.published.fetch_add(1, Relaxed);
-                self.metrics.observe_publish(started.elapsed());
-            }
-            Err(_) => {
-                self.metrics.publish_failures.fetch_add(1, Relaxed);
-            }
-        }
-        result
-    }
-}
+use crate::{bus::Bus, config::Config, http, limits::Limits, metrics::Metrics, state::AppState};
 
 /// A bound, not yet serving, application.
 pub struct Application {

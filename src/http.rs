@@ -21,7 +21,7 @@ use tower_http::{
 
 pub use error::AppError;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// Content Security Policy of every response: only our own scripts, styles and sockets.
 const CSP: &str = "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; \

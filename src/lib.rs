@@ -3,6 +3,7 @@
 //! - [`config`]: the environment, read once into one typed struct.
 //! - [`chat`]: the message envelope and validation of what users send; no HTTP, no AMQP.
 //! - [`bus`]: where messages are published and read back: RabbitMQ or the embedded bus.
+//! - [`state`]: [`state::AppState`], what every handler shares (below both `app` and `http`).
 //! - [`http`]: the routes (page, `POST /messages`, `/ws`, probes, metrics) and their layers.
 //! - [`app`]: building, serving and shutting down the whole.
 //! - [`limits`]: message rates and session counts, per client and global (429s).
@@ -16,6 +17,7 @@ pub mod config;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod state;
 pub mod telemetry;
 
 pub use app::Application;

@@ -7,7 +7,7 @@ use axum::{
     http::request::Parts,
 };
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// The address of whoever sent the request: the TCP peer, or, behind a trusted proxy, the
 /// last address in the header `NOTIFIER_CLIENT_IP_HEADER` names (the one that proxy added;

@@ -13,8 +13,8 @@ use serde::Deserialize;
 
 use super::{client::ClientIp, error::AppError};
 use crate::{
-    app::AppState,
     chat::{Draft, Envelope},
+    state::AppState,
 };
 
 pub async fn post_message(

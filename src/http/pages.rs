@@ -4,7 +4,7 @@ use askama::Template;
 use axum::{extract::State, response::Html};
 
 use super::error::AppError;
-use crate::app::AppState;
+use crate::state::AppState;
 
 #[derive(Template)]
 #[template(path = "index.html")]

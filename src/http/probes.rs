@@ -8,7 +8,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::app::AppState;
+use crate::state::AppState;
 
 /// `GET /healthz`: the process runs. Never tied to the broker, so a broker outage does not
 /// make Kubernetes restart healthy pods.

@@ -26,10 +26,10 @@ use tracing::Instrument;
 
 use super::{client::ClientIp, error::AppError};
 use crate::{
-    app::AppState,
     bus::{Ack, Event, Subscription},
     chat::{Draft, Envelope, ts_from_millis},
     limits::SessionPermit,
+    state::AppState,
 };
 
 /// `GET /ws?since=<id>`: the id of the last message this browser showed, to get what it
