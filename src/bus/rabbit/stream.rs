@@ -27,7 +27,7 @@ use lapin::{
 
 use tokio::sync::Notify;
 
-use super::{Shared, channel_error, decode};
+use super::{Shared, codec::decode, declare::channel_error};
 use crate::bus::history::NewEntry;
 
 /// Header that marks the replicas' own bookkeeping messages in the stream.
