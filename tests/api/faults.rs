@@ -784,21 +784,9 @@ async fn in_process_mode_what_the_process_queue_drops_is_told_to_every_session()
 
     proxy.stall().await;
     let service = crate::helpers::service().await;
-    service.channel.confirm_select(lapin::options::ConfirmSelectOptions::default()).await.unwrap();
     for i in 0..SENT {
-        service
-            .channel
-            .basic_publish(
-                app.exchange().into(),
-                "".into(),
-                lapin::options::BasicPublishOptions::default(),
-                format!("while the process is behind {i}").as_bytes(),
-                lapin::BasicProperties::default(),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let body = format!("while the process is behind {i}");
+        service.publish(app.exchange(), body.as_bytes(), lapin::BasicProperties::default()).await;
     }
     proxy.restore().await;
     for session in &mut sessions {

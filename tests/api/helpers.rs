@@ -5,8 +5,8 @@ use std::{future::Future, net::SocketAddr, time::Duration};
 use fanout_chat::{Application, Config};
 use futures_util::{SinkExt, StreamExt};
 use lapin::{
-    Channel, Connection, ConnectionProperties,
-    options::{ExchangeDeleteOptions, QueueDeclareOptions},
+    BasicProperties, Channel, Connection, ConnectionProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeleteOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 use serde_json::Value;
@@ -324,6 +324,24 @@ pub async fn service() -> Service {
     .expect("RabbitMQ at 127.0.0.1:5672 (start it with `rabbitmq-server -detached`)");
     let channel = connection.create_channel().await.expect("a channel");
     Service { _connection: connection, channel }
+}
+
+impl Service {
+    /// Publishes to `exchange` as another service would, and waits for the broker's confirm:
+    /// the message is then routed before anything the test publishes next (without confirm
+    /// mode the "confirm" resolves at once, and a POST through the app could overtake it).
+    pub async fn publish(&self, exchange: &str, body: &[u8], properties: BasicProperties) {
+        // Selecting confirm mode again on a channel already in it is a no-op.
+        self.channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
+        let confirmation = self
+            .channel
+            .basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body, properties)
+            .await
+            .expect("publish")
+            .await
+            .expect("confirmed");
+        assert!(confirmation.is_ack(), "the broker confirmed the publish: {confirmation:?}");
+    }
 }
 
 /// Whether a queue exists, asked from another connection. An exclusive queue of another

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use lapin::{BasicProperties, options::BasicPublishOptions};
+use lapin::BasicProperties;
 use serde_json::{Value, json};
 
 use crate::{
@@ -299,19 +299,7 @@ async fn a_foreign_message_is_in_the_history_and_can_be_resumed_after() {
     let app = spawn_app(BusKind::Rabbit).await;
     let mut session = app.connect().await;
     let service = service().await;
-    service
-        .channel
-        .basic_publish(
-            app.exchange().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            b"deploy finished",
-            BasicProperties::default(),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    service.publish(app.exchange(), b"deploy finished", BasicProperties::default()).await;
     let foreign = session.next_message().await;
     assert_eq!(foreign["text"], "deploy finished");
     within("the notification to show in the history", async {

@@ -4,22 +4,12 @@
 use futures_util::StreamExt;
 use lapin::{
     BasicProperties,
-    options::{BasicConsumeOptions, BasicPublishOptions, QueueBindOptions, QueueDeclareOptions},
+    options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions},
     types::FieldTable,
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{BusKind, Service, TestApp, service, spawn_app, within};
-
-async fn publish_raw(service: &Service, app: &TestApp, body: &[u8], properties: BasicProperties) {
-    service
-        .channel
-        .basic_publish(app.exchange().into(), "".into(), BasicPublishOptions::default(), body, properties)
-        .await
-        .expect("publish")
-        .await
-        .expect("broker accepted it");
-}
+use crate::helpers::{BusKind, service, spawn_app, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_services_queue_receives_what_browsers_post_as_envelope_json() {
@@ -72,13 +62,13 @@ async fn plain_text_from_another_service_reaches_browsers_as_text() {
     let app = spawn_app(BusKind::Rabbit).await;
     let mut session = app.connect().await;
     let service = service().await;
-    publish_raw(
-        &service,
-        &app,
-        b"deploy finished <b>ok</b>",
-        BasicProperties::default().with_message_id("deploy-7".into()).with_app_id("ci".into()),
-    )
-    .await;
+    service
+        .publish(
+            app.exchange(),
+            b"deploy finished <b>ok</b>",
+            BasicProperties::default().with_message_id("deploy-7".into()).with_app_id("ci".into()),
+        )
+        .await;
     let message = session.next_message().await;
     assert_eq!(message["text"], "deploy finished <b>ok</b>");
     assert_eq!(message["id"], "deploy-7", "the id comes from message_id");
@@ -93,13 +83,13 @@ async fn json_of_another_shape_reaches_browsers_as_its_text() {
     let mut session = app.connect().await;
     let service = service().await;
     let body = json!({ "event": "order.paid", "order": 42 }).to_string();
-    publish_raw(&service, &app, body.as_bytes(), BasicProperties::default()).await;
+    service.publish(app.exchange(), body.as_bytes(), BasicProperties::default()).await;
     let message = session.next_message().await;
     assert_eq!(message["text"], body);
     assert_eq!(message["id"].as_str().map(str::len), Some(26), "a fresh ULID: {message}");
     // A foreign envelope-shaped JSON with extra fields is not trusted as an envelope either.
     let sneaky = json!({ "id": "x", "text": "t", "ts": "2026-11-23T10:00:00Z", "type": "error" }).to_string();
-    publish_raw(&service, &app, sneaky.as_bytes(), BasicProperties::default()).await;
+    service.publish(app.exchange(), sneaky.as_bytes(), BasicProperties::default()).await;
     let message = session.next_message().await;
     assert_eq!(message["text"], sneaky);
     app.stop().await;
@@ -141,7 +131,7 @@ async fn an_oversized_message_from_another_service_is_skipped_with_a_notice() {
     let mut second = app.connect().await;
     let service = service().await;
     let huge = vec![b'x'; app.config.max_frame_bytes() + 1];
-    publish_raw(&service, &app, &huge, BasicProperties::default()).await;
+    service.publish(app.exchange(), &huge, BasicProperties::default()).await;
     for session in [&mut first, &mut second] {
         let notice = session.next_frame().await;
         assert_eq!((&notice["type"], &notice["missed"]), (&json!("gap"), &json!(1)), "{notice}");

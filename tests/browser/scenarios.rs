@@ -1,10 +1,7 @@
 //! What people do with the page, each as a test.
 
 use fantoccini::{Locator, key::Key};
-use lapin::{
-    BasicProperties,
-    options::{BasicPublishOptions, ConfirmSelectOptions},
-};
+use lapin::BasicProperties;
 use serde_json::json;
 
 use crate::{
@@ -76,18 +73,12 @@ async fn messages_from_curl_and_from_another_service_appear() {
 
     let service = service().await;
     service
-        .channel
-        .basic_publish(
-            app.exchange().into(),
-            "".into(),
-            BasicPublishOptions::default(),
+        .publish(
+            app.exchange(),
             b"Invoice 42 was paid",
             BasicProperties::default().with_app_id("billing".into()),
         )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .await;
     let (from_service, _) = page.wait_for_message("Invoice 42 was paid").await;
     assert_eq!(from_service.user, "billing");
     assert!(!from_service.own);
@@ -386,20 +377,9 @@ async fn a_page_opened_later_shows_what_was_said_before_in_order() {
     app.post_json(json!({ "text": "On my way", "user": "Bob" })).await;
     let service = service().await;
     // With confirms, the publish below is on the broker before the next POST: the order is set.
-    service.channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
     service
-        .channel
-        .basic_publish(
-            app.exchange().into(),
-            "".into(),
-            BasicPublishOptions::default(),
-            b"Nightly build passed",
-            BasicProperties::default().with_app_id("ci".into()),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+        .publish(app.exchange(), b"Nightly build passed", BasicProperties::default().with_app_id("ci".into()))
+        .await;
     app.post_json(json!({ "text": "Starting now" })).await;
     wait_for_history(&app, "Starting now").await;
     let earlier = ["Morning all, standup in 5", "On my way", "Nightly build passed", "Starting now"];

@@ -22,7 +22,7 @@ use fanout_chat::{
 };
 use futures_util::StreamExt;
 use helpers::{
-    AMQP_PORT, BusKind, Service, TestApp, WsClient, service, spawn_app, spawn_app_with, test_config, within,
+    AMQP_PORT, BusKind, TestApp, WsClient, service, spawn_app, spawn_app_with, test_config, within,
 };
 use lapin::{
     BasicProperties,
@@ -82,22 +82,6 @@ async fn frames_until(session: &mut WsClient, id: &str, bound: Duration) -> (Vec
     }
 }
 
-/// Publishes as another service would, and waits for the broker's confirm: the message is then
-/// routed before anything the test publishes next (without confirm mode the "confirm" resolves
-/// at once, and a POST through the app could overtake it).
-async fn publish_foreign(service: &Service, exchange: &str, body: &[u8], properties: BasicProperties) {
-    // Selecting confirm mode again on a channel already in it is a no-op.
-    service.channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
-    let confirmation = service
-        .channel
-        .basic_publish(exchange.into(), "".into(), BasicPublishOptions::default(), body, properties)
-        .await
-        .expect("publish")
-        .await
-        .expect("confirmed");
-    assert!(confirmation.is_ack(), "the broker confirmed the publish: {confirmation:?}");
-}
-
 fn envelope(text: &str) -> Envelope {
     Envelope::new(Draft { text: Some(text.to_owned()), user: Some("svc".into()) }.validate(4096).unwrap())
 }
@@ -118,7 +102,7 @@ async fn resuming_after_a_repeated_foreign_notification_skips_nothing_between() 
     let app = spawn_app(BusKind::Rabbit).await;
     let service = service().await;
     let mut session = app.connect().await;
-    publish_foreign(&service, app.exchange(), b"build is green", BasicProperties::default()).await;
+    service.publish(app.exchange(), b"build is green", BasicProperties::default()).await;
     let first = session.next_message().await;
     assert_eq!(first["text"], "build is green");
     session.close().await;
@@ -126,7 +110,7 @@ async fn resuming_after_a_repeated_foreign_notification_skips_nothing_between() 
     let a = app.post_text("A, posted while away").await;
     let b = app.post_text("B, posted while away").await;
     // The same notification again (a CI bot without message_id), a few ms later.
-    publish_foreign(&service, app.exchange(), b"build is green", BasicProperties::default()).await;
+    service.publish(app.exchange(), b"build is green", BasicProperties::default()).await;
     within("the second notification in the history", async {
         loop {
             let page = app.history("?limit=10").await;
@@ -161,11 +145,11 @@ async fn resuming_after_a_repeated_timestamped_notification_skips_nothing_betwee
     let mut session = app.connect().await;
     let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let props = || BasicProperties::default().with_timestamp(secs).with_app_id("ci".into());
-    publish_foreign(&service, app.exchange(), b"build is green", props()).await;
+    service.publish(app.exchange(), b"build is green", props()).await;
     let first = session.next_message().await;
     session.close().await;
     let a = app.post_text("A, posted while away").await;
-    publish_foreign(&service, app.exchange(), b"build is green", props()).await;
+    service.publish(app.exchange(), b"build is green", props()).await;
     let live = app.post_text("live").await;
     wait_for_history(&app, live["id"].as_str().unwrap()).await;
     let mut back = app.connect_since(first["id"].as_str().unwrap()).await;
@@ -313,7 +297,7 @@ async fn a_flood_across_a_cut(mode: FanoutMode) {
         let mut sent = Vec::with_capacity(TOTAL);
         for i in 0..TOTAL {
             let e = envelope(&format!("flood {i}"));
-            publish_foreign(&service, &exchange, e.to_json().as_bytes(), app_like_properties(&e)).await;
+            service.publish(&exchange, e.to_json().as_bytes(), app_like_properties(&e)).await;
             sent.push(e.id);
             tokio::time::sleep(Duration::from_millis(3)).await;
         }
@@ -538,7 +522,7 @@ async fn paging_back_past_a_foreign_message_older_than_the_window() {
     let b = app.post_text("older B").await;
     // Confirmed before the next post, so the stream has it between B and "newer 0".
     service.channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
-    publish_foreign(&service, app.exchange(), b"deploy finished", BasicProperties::default()).await;
+    service.publish(app.exchange(), b"deploy finished", BasicProperties::default()).await;
     let mut last = Value::Null;
     for i in 0..4 {
         last = app.post_text(&format!("newer {i}")).await;
