@@ -22,10 +22,10 @@ use fanout_chat::{
 };
 use futures_util::StreamExt;
 use helpers::{
-    AMQP_PORT, BusKind, TestApp, WsClient, service, spawn_app, spawn_app_with, test_config, within,
+    AMQP_PORT, BusKind, Service, TestApp, WsClient, service, spawn_app, spawn_app_with, test_config, within,
 };
 use lapin::{
-    BasicProperties,
+    BasicProperties, PublisherConfirm,
     options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeleteOptions},
 };
 use serde_json::Value;
@@ -91,6 +91,23 @@ fn app_like_properties(envelope: &Envelope) -> BasicProperties {
         .with_content_type("application/json".into())
         .with_message_id(envelope.id.as_str().into())
         .with_app_id("fanout-chat".into())
+}
+
+/// Publishes `envelope` as the app does (same properties), without waiting for the confirm:
+/// bursts keep many in flight and await the confirms afterwards.
+async fn publish_like_the_app(service: &Service, exchange: &str, envelope: &Envelope) -> PublisherConfirm {
+    let body = envelope.to_json();
+    service
+        .channel
+        .basic_publish(
+            exchange.into(),
+            "".into(),
+            BasicPublishOptions::default(),
+            body.as_bytes(),
+            app_like_properties(envelope),
+        )
+        .await
+        .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -429,19 +446,7 @@ async fn pages_read_from_the_middle_of_multi_message_chunks_are_exact() {
     let mut posted = Vec::new();
     for i in 0..60 {
         let e = envelope(&format!("burst {i}"));
-        confirms.push(
-            service
-                .channel
-                .basic_publish(
-                    app.exchange().into(),
-                    "".into(),
-                    BasicPublishOptions::default(),
-                    e.to_json().as_bytes(),
-                    app_like_properties(&e),
-                )
-                .await
-                .unwrap(),
-        );
+        confirms.push(publish_like_the_app(&service, app.exchange(), &e).await);
         posted.push(e.id);
     }
     for c in confirms {
@@ -566,19 +571,7 @@ async fn resuming_mid_flood_with_two_concurrent_publishers() {
                 let mut pending = Vec::new();
                 for i in 0..EACH {
                     let e = envelope(&format!("p{p} {i}"));
-                    pending.push(
-                        service
-                            .channel
-                            .basic_publish(
-                                exchange.as_str().into(),
-                                "".into(),
-                                BasicPublishOptions::default(),
-                                e.to_json().as_bytes(),
-                                app_like_properties(&e),
-                            )
-                            .await
-                            .unwrap(),
-                    );
+                    pending.push(publish_like_the_app(&service, &exchange, &e).await);
                     if i % 10 == 9 {
                         for c in pending.drain(..) {
                             c.await.unwrap();
