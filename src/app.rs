@@ -69,10 +69,11 @@ impl Application {
         let shutdown = state.shutdown.clone();
         let sessions = state.sessions.clone();
         let bus = state.bus.clone();
-        let grace = state.config.shutdown_timeout;
+        let grace = state.config.shutdown.timeout;
         tracing::info!(addr = %listener.local_addr()?, mode = state.config.mode(), replica = %state.config.replica, "listening");
 
-        let (draining, stopping, drain) = (state.draining.clone(), shutdown.clone(), state.config.drain);
+        let (draining, stopping, drain) =
+            (state.draining.clone(), shutdown.clone(), state.config.shutdown.drain);
         tokio::spawn(async move {
             stop.await;
             tracing::info!(drain_secs = drain.as_secs(), "stop signal received; not ready, draining");

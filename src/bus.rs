@@ -125,14 +125,14 @@ impl Bus {
     /// Builds the bus the configuration selects. For RabbitMQ this returns at once and connects
     /// in the background: an unreachable broker makes the process not-ready, never stops it.
     pub fn start(config: &Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Self {
-        let history = History::new(config.history_window);
+        let history = History::new(config.history.window);
         match &config.rabbitmq {
-            None => Self::Memory(MemoryBus::new(config.memory_capacity, Some(history), metrics)),
+            None => Self::Memory(MemoryBus::new(config.messages.memory_capacity, Some(history), metrics)),
             Some(rabbit) => Self::Rabbit(RabbitBus::start(
                 rabbit.clone(),
                 config.replica.clone(),
                 config.max_frame_bytes(),
-                config.memory_capacity,
+                config.messages.memory_capacity,
                 history,
                 metrics,
                 shutdown,

@@ -27,12 +27,12 @@ pub async fn post_message(
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge(format!(
             "the request body is too large; the message limit is {} bytes",
-            state.config.max_message_bytes
+            state.config.messages.max_bytes
         )),
         _ => AppError::BadRequest(rejection.body_text()),
     })?;
     let draft = parse_body(&headers, &body)?;
-    let envelope = Envelope::new(draft.validate(state.config.max_message_bytes)?);
+    let envelope = Envelope::new(draft.validate(state.config.messages.max_bytes)?);
     state.publish(&envelope).await?;
     Ok((StatusCode::ACCEPTED, Json(envelope)))
 }

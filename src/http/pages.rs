@@ -22,7 +22,7 @@ pub async fn index(State(state): State<AppState>) -> Result<Html<String>, AppErr
         title: "fanout-chat",
         mode: config.mode(),
         exchange: config.rabbitmq.as_ref().map_or("", |r| r.exchange.as_str()),
-        max_message_bytes: config.max_message_bytes,
+        max_message_bytes: config.messages.max_bytes,
         asset_version: &state.asset_version,
     };
     Ok(Html(page.render()?))

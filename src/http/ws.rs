@@ -75,7 +75,7 @@ pub async fn upgrade(
         .write_buffer_size(4 * 1024)
         // tungstenite refuses a frame larger than this cap outright, so it holds two of the
         // largest frames we ever send.
-        .max_write_buffer_size(state.config.ws_max_write_buffer.max(frame_limit * 2))
+        .max_write_buffer_size(state.config.ws.max_write_buffer.max(frame_limit * 2))
         .max_message_size(frame_limit)
         .max_frame_size(frame_limit)
         .on_upgrade(move |socket| {
@@ -138,7 +138,7 @@ impl Session {
         if let Err(end) = self.send_json(welcome).await {
             return end;
         }
-        let mut ping = tokio::time::interval(config.ws_ping_interval);
+        let mut ping = tokio::time::interval(config.ws.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         let mut last_heard = Instant::now();
@@ -156,7 +156,7 @@ impl Session {
                     self.receive(incoming).await
                 }
                 _ = ping.tick() => {
-                    if last_heard.elapsed() > config.ws_ping_interval.saturating_mul(5) / 2 {
+                    if last_heard.elapsed() > config.ws.ping_interval.saturating_mul(5) / 2 {
                         tracing::info!("no pong from the browser; closing");
                         return End::Gone;
                     }
@@ -275,7 +275,7 @@ impl Session {
             Ok(draft) if draft.text.is_some() => draft,
             _ => Draft { text: Some(text.to_owned()), user: None },
         };
-        let envelope = match draft.validate(self.state.config.max_message_bytes) {
+        let envelope = match draft.validate(self.state.config.messages.max_bytes) {
             Ok(message) => Envelope::new(message),
             Err(invalid) => {
                 self.state.metrics.rejected_frames.fetch_add(1, Relaxed);
@@ -310,7 +310,7 @@ impl Session {
     /// flushed), giving up on a browser that has not taken it within the timeout, or when the
     /// server shuts down meanwhile.
     async fn feed(&mut self, message: Message) -> Result<(), End> {
-        let timeout = self.state.config.ws_send_timeout;
+        let timeout = self.state.config.ws.send_timeout;
         let fed = tokio::select! {
             fed = tokio::time::timeout(timeout, self.socket.feed(message)) => fed,
             () = self.state.shutdown.cancelled() => return Err(End::Close(close_code::AWAY, "server shutting down")),
@@ -319,7 +319,7 @@ impl Session {
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        let timeout = self.state.config.ws_send_timeout;
+        let timeout = self.state.config.ws.send_timeout;
         let flushed = tokio::select! {
             flushed = tokio::time::timeout(timeout, self.socket.flush()) => flushed,
             () = self.state.shutdown.cancelled() => return Err(End::Close(close_code::AWAY, "server shutting down")),

@@ -657,9 +657,9 @@ async fn a_session_that_stops_reading_is_closed_without_slowing_the_others() {
     const MESSAGES: usize = 300;
     const SIZE: usize = 60 * 1024;
     let mut config = test_config(BusKind::Rabbit);
-    config.ws_send_timeout = Duration::from_secs(2);
-    config.max_message_bytes = 64 * 1024;
-    let send_timeout = config.ws_send_timeout;
+    config.ws.send_timeout = Duration::from_secs(2);
+    config.messages.max_bytes = 64 * 1024;
+    let send_timeout = config.ws.send_timeout;
     let app = spawn_app_with(config).await;
     // Never polled again after the welcome: its socket buffers fill up.
     let stuck = app.connect().await;

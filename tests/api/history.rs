@@ -223,7 +223,7 @@ async fn history_written_through_one_replica_is_read_through_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn older_history_than_the_window_comes_from_the_stream() {
     let mut config = test_config(BusKind::Rabbit);
-    config.history_window = 5;
+    config.history.window = 5;
     let app = spawn_app_with(config).await;
     let posted = ids(&post_many(&app, "deep", 12).await);
     wait_for_history(&app, &posted[11]).await;
@@ -325,7 +325,7 @@ async fn a_foreign_message_is_in_the_history_and_can_be_resumed_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_can_be_turned_off() {
     let mut config = test_config(BusKind::Rabbit);
-    config.history_window = 0;
+    config.history.window = 0;
     let stream = config.rabbitmq.as_ref().unwrap().history.name.clone();
     let app = spawn_app_with(config).await;
     let posted = app.post_text("not kept").await;

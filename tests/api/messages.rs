@@ -99,7 +99,7 @@ async fn bad_input_gets_a_json_error_and_disturbs_no_session(kind: BusKind) {
 async fn a_message_at_exactly_the_limit_is_accepted_and_one_byte_more_is_413(kind: BusKind) {
     let app = spawn_app(kind).await;
     let mut session = app.connect().await;
-    let limit = app.config.max_message_bytes;
+    let limit = app.config.messages.max_bytes;
     // Multi-byte characters: the limit counts UTF-8 bytes, not characters.
     let at_limit = "é".repeat(limit / 2);
     assert_eq!(at_limit.len(), limit);

@@ -166,7 +166,7 @@ async fn a_tls_handshake_failure_is_reported_as_not_ready() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_stop_the_app_drains_before_closing_sessions() {
     let mut config = test_config(BusKind::Rabbit);
-    config.drain = std::time::Duration::from_secs(2);
+    config.shutdown.drain = std::time::Duration::from_secs(2);
     let mut app = spawn_app_with(config).await;
     let mut session = app.connect().await;
     app.signal_stop();
@@ -197,7 +197,7 @@ async fn on_stop_the_app_drains_before_closing_sessions() {
 async fn a_quiet_session_is_pinged_and_stays_open_while_it_answers() {
     use futures_util::StreamExt;
     let mut config = test_config(BusKind::Memory);
-    config.ws_ping_interval = std::time::Duration::from_secs(1);
+    config.ws.ping_interval = std::time::Duration::from_secs(1);
     let app = spawn_app_with(config).await;
     let mut session = app.connect().await;
     // Reading lets the client answer each ping with a pong (tungstenite does it on read).
@@ -221,7 +221,7 @@ async fn a_quiet_session_is_pinged_and_stays_open_while_it_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_stops_answering_pings_is_closed() {
     let mut config = test_config(BusKind::Rabbit);
-    config.ws_ping_interval = std::time::Duration::from_secs(1);
+    config.ws.ping_interval = std::time::Duration::from_secs(1);
     let app = spawn_app_with(config).await;
     let silent = app.connect().await;
     let queue = silent.queue();

@@ -12,7 +12,7 @@ async fn the_page_shows_the_rabbitmq_mode_exchange_and_limit() {
     let html = response.text().await.unwrap();
     assert!(html.contains(r#"data-mode="rabbitmq""#), "{html}");
     assert!(html.contains(&format!(r#"data-exchange="{}""#, app.exchange())));
-    assert!(html.contains(&format!(r#"data-max-bytes="{}""#, app.config.max_message_bytes)));
+    assert!(html.contains(&format!(r#"data-max-bytes="{}""#, app.config.messages.max_bytes)));
     assert!(!html.contains(r#"id="mode-banner""#), "no single-process banner with RabbitMQ");
     app.stop().await;
 }

@@ -63,7 +63,7 @@ async fn a_binary_frame_gets_an_error_frame_and_the_session_stays_open(kind: Bus
 async fn a_text_frame_over_the_limit_gets_an_error_frame(kind: BusKind) {
     let app = spawn_app(kind).await;
     let mut session = app.connect().await;
-    let limit = app.config.max_message_bytes;
+    let limit = app.config.messages.max_bytes;
     session.send_text(&"x".repeat(limit + 1)).await;
     let error = session.next_frame().await;
     assert_eq!(error["type"], "error");
@@ -79,7 +79,7 @@ async fn a_huge_frame_closes_only_its_own_session_with_1009(kind: BusKind) {
     let app = spawn_app(kind).await;
     let mut bystander = app.connect().await;
     let mut abuser = app.connect().await;
-    abuser.send_text(&"x".repeat(app.config.max_message_bytes * 10)).await;
+    abuser.send_text(&"x".repeat(app.config.messages.max_bytes * 10)).await;
     let (code, reason) = abuser.closed().await;
     assert_eq!(code, 1009, "close code for a message too big");
     assert!(!reason.is_empty(), "the close frame says why");
@@ -138,7 +138,7 @@ async fn a_session_queue_is_exclusive_auto_delete_bounded_and_consumed_with_a_pr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_that_falls_behind_is_told_how_many_messages_its_full_queue_dropped() {
     let mut config = crate::helpers::test_config(BusKind::Rabbit);
-    config.max_message_bytes = 64 * 1024;
+    config.messages.max_bytes = 64 * 1024;
     let rabbit = config.rabbitmq.as_mut().unwrap();
     rabbit.queue_max_length = 5;
     rabbit.prefetch = 1;

@@ -133,7 +133,7 @@ async fn unicode_and_a_message_at_the_limit_round_trip_and_one_over_is_refused_i
     assert_eq!(shown.text, unicode, "exactly as sent");
     other.screenshot("4-unicode-phone").await;
 
-    let limit = app.config.max_message_bytes;
+    let limit = app.config.messages.max_bytes;
     let at_limit = "é".repeat(limit / 2);
     page.paste_message(&at_limit).await;
     assert_eq!(page.eval("document.getElementById('send').disabled").await, false);
@@ -536,7 +536,7 @@ async fn after_a_network_drop_the_page_shows_exactly_what_it_missed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_away_longer_than_the_history_kept_says_what_is_gone() {
     let mut config = test_config(BusKind::Memory);
-    config.history_window = 5;
+    config.history.window = 5;
     let app = spawn_app_with(config).await;
     let proxy = ChaosProxy::start(app.addr).await;
     let driver = Driver::start().await;

@@ -397,7 +397,7 @@ async fn a_flood_across_a_cut_in_session_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_before_unknown_ids_do_not_starve_other_history_reads() {
     let mut config = test_config(BusKind::Rabbit);
-    config.history_window = 5;
+    config.history.window = 5;
     let app = spawn_app_with(config).await;
     let mut posted = Vec::new();
     for i in 0..12 {
@@ -438,7 +438,7 @@ async fn pages_before_unknown_ids_do_not_starve_other_history_reads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_read_from_the_middle_of_multi_message_chunks_are_exact() {
     let mut config = test_config(BusKind::Rabbit);
-    config.history_window = 5;
+    config.history.window = 5;
     let app = spawn_app_with(config).await;
     let service = service().await;
     service.channel.confirm_select(ConfirmSelectOptions::default()).await.unwrap();
@@ -520,7 +520,7 @@ async fn after_a_reconnect_the_window_follows_a_re_declared_stream_from_its_star
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paging_back_past_a_foreign_message_older_than_the_window() {
     let mut config = test_config(BusKind::Rabbit);
-    config.history_window = 3;
+    config.history.window = 3;
     let app = spawn_app_with(config).await;
     let service = service().await;
     let a = app.post_text("older A").await;
