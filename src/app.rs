@@ -10,12 +10,15 @@ use std::{
     io,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
+    time::Duration,
 };
 
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::{bus::Bus, config::Config, http, limits::Limits, metrics::Metrics, state::AppState};
+use crate::{
+    bus::Bus, config::Config, http, limits::Limits, metrics::Metrics, state::AppState, telemetry::Throttle,
+};
 
 /// A bound, not yet serving, application.
 pub struct Application {
@@ -55,6 +58,7 @@ impl Application {
             draining: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
+            origin_log: Arc::new(Throttle::new(Duration::from_secs(60))),
         };
         Ok(Self { listener, state, bus_shutdown })
     }

@@ -23,13 +23,21 @@ pub struct Envelope {
     pub user: Option<String>,
     /// RFC 3339 UTC time, with milliseconds, at which the server accepted the message.
     pub ts: String,
+    /// The name of the service key the message was posted with; absent for everyone else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
 }
 
 impl Envelope {
     /// Stamps a validated message with a fresh id and the current time.
     pub fn new(message: NewMessage) -> Self {
         let now = OffsetDateTime::now_utc();
-        Self { id: next_id(), text: message.text, user: message.user, ts: rfc3339_millis(now) }
+        Self { id: next_id(), text: message.text, user: message.user, ts: rfc3339_millis(now), from: None }
+    }
+
+    /// As [`Envelope::new`], for a message posted with the service key named `key`.
+    pub fn from_service(message: NewMessage, key: &str) -> Self {
+        Self { from: Some(key.to_owned()), ..Self::new(message) }
     }
 
     /// The envelope as JSON, the body of an AMQP message and of a WebSocket frame.
@@ -69,6 +77,7 @@ impl Envelope {
             text: String::from_utf8_lossy(body).into_owned(),
             user: foreign.app_id.filter(|a| !a.trim().is_empty()).map(str::to_owned),
             ts: rfc3339_millis(ts),
+            from: None,
         })
     }
 

@@ -10,14 +10,17 @@
 //!   [`ShutdownConfig`], [`LimitsConfig`], [`LogFormat`];
 //! - `config/rabbit.rs`: [`RabbitConfig`] (the broker), its [`StreamConfig`] (the history
 //!   stream) and [`FanoutMode`];
+//! - `config/access.rs`: who may call: service [`ApiKeys`] and browser [`AllowedOrigins`];
 //! - `config/vars.rs`: the raw variables as envy reads them, the helpers that parse one
 //!   variable each (every error names its variable), [`Secret`] and [`ConfigError`].
 
+mod access;
 mod rabbit;
 mod vars;
 
 use std::time::Duration;
 
+pub use access::{AllowedOrigins, ApiKeys};
 pub use rabbit::{FanoutMode, RabbitConfig, StreamConfig};
 pub use vars::{ConfigError, Secret};
 use vars::{Env, parse, ranged, secs};
@@ -43,6 +46,20 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     /// Rate and session limits.
     pub limits: LimitsConfig,
+    /// Who may call: service keys, and the browser origins allowed.
+    pub access: AccessConfig,
+}
+
+/// Callers: services by their keys, browsers by their origin.
+#[derive(Clone, Debug)]
+pub struct AccessConfig {
+    /// `NOTIFIER_API_KEYS` (`name:key,...`) and `NOTIFIER_API_KEYS_FILE` (one `name:key` a
+    /// line; both may be set): `Authorization: Bearer <key>` on `POST /messages` makes the
+    /// caller that service. Unset: every caller is anonymous.
+    pub api_keys: ApiKeys,
+    /// `NOTIFIER_ALLOWED_ORIGINS` (default: the page's own origin): browser origins that may
+    /// open a WebSocket or post; `*` for any. Requests without `Origin` are always allowed.
+    pub allowed_origins: AllowedOrigins,
 }
 
 /// Chat messages: their size, and the buffer of each session on an in-process channel.
@@ -94,14 +111,19 @@ pub struct ShutdownConfig {
 /// Overload protection: past these, requests are answered 429 with `Retry-After`.
 #[derive(Clone, Debug)]
 pub struct LimitsConfig {
-    /// `NOTIFIER_MESSAGES_PER_CLIENT` (default `10`): messages per second (and burst) one client
-    /// address may send, by POST and WebSocket together.
+    /// `NOTIFIER_MESSAGES_PER_CLIENT` (default `100`): messages per second (and burst) one
+    /// client address may send without a service key, by POST and WebSocket together. Enough
+    /// for a keyless service posting a steady 50/s, or a whole office behind one NAT address.
     pub messages_per_client: u32,
+    /// `NOTIFIER_MESSAGES_PER_KEY` (default `1000`): messages per second (and burst) each
+    /// service key may post; a keyed caller is not under its address's limit.
+    pub messages_per_key: u32,
     /// `NOTIFIER_MESSAGES_GLOBAL` (default `2000`): messages per second the process accepts.
     pub messages_global: u32,
     /// `NOTIFIER_MAX_SESSIONS` (default `10000`): open WebSocket sessions per process.
     pub max_sessions: usize,
-    /// `NOTIFIER_MAX_SESSIONS_PER_CLIENT` (default `50`): open sessions per client address.
+    /// `NOTIFIER_MAX_SESSIONS_PER_CLIENT` (default `1000`): open sessions per client address.
+    /// An office behind one NAT address opens one or two per person.
     pub max_sessions_per_client: usize,
     /// `NOTIFIER_CLIENT_IP_HEADER` (unset): a header set by a trusted proxy that carries the
     /// client address (e.g. `x-forwarded-for`; its last address is used). Unset: the peer.
@@ -138,6 +160,13 @@ impl Config {
             shutdown: ShutdownConfig::read(&mut env)?,
             history: HistoryConfig::read(&mut env)?,
             limits: LimitsConfig::read(&mut env)?,
+            access: AccessConfig {
+                api_keys: ApiKeys::read(
+                    env.notifier_api_keys.take().as_deref(),
+                    env.notifier_api_keys_file.take().as_deref(),
+                )?,
+                allowed_origins: AllowedOrigins::read(env.notifier_allowed_origins.take().as_deref())?,
+            },
             replica: replica_name(env.hostname.take()),
             log_format: log_format(env.log_format.take())?,
         })
@@ -267,9 +296,16 @@ impl LimitsConfig {
             messages_per_client: ranged(
                 "NOTIFIER_MESSAGES_PER_CLIENT",
                 env.notifier_messages_per_client.take(),
-                10,
+                100,
                 1,
                 1_000_000,
+            )?,
+            messages_per_key: ranged(
+                "NOTIFIER_MESSAGES_PER_KEY",
+                env.notifier_messages_per_key.take(),
+                1000,
+                1,
+                10_000_000,
             )?,
             messages_global: ranged(
                 "NOTIFIER_MESSAGES_GLOBAL",
@@ -288,7 +324,7 @@ impl LimitsConfig {
             max_sessions_per_client: ranged(
                 "NOTIFIER_MAX_SESSIONS_PER_CLIENT",
                 env.notifier_max_sessions_per_client.take(),
-                50,
+                1000,
                 1,
                 1_000_000,
             )?,

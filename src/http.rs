@@ -1,5 +1,6 @@
 //! The HTTP surface: the whole URL table on one screen, plus the layers around it.
 
+mod auth;
 mod client;
 mod error;
 mod messages;

@@ -29,6 +29,8 @@ const RETAIN_EVERY: u64 = 1024;
 pub enum Limited {
     #[error("too many messages from your address; slow down")]
     ClientRate(Duration),
+    #[error("too many messages for this API key; slow down")]
+    KeyRate(Duration),
     #[error("the server is receiving too many messages; try again shortly")]
     GlobalRate(Duration),
     #[error("too many open sessions from your address")]
@@ -41,7 +43,9 @@ impl Limited {
     /// Whole seconds to wait, at least 1: the value of `Retry-After`.
     pub fn retry_after_secs(&self) -> u64 {
         match self {
-            Self::ClientRate(wait) | Self::GlobalRate(wait) => wait.as_secs_f64().ceil().max(1.0) as u64,
+            Self::ClientRate(wait) | Self::KeyRate(wait) | Self::GlobalRate(wait) => {
+                wait.as_secs_f64().ceil().max(1.0) as u64
+            }
             Self::ClientSessions | Self::GlobalSessions => 5,
         }
     }
@@ -49,6 +53,8 @@ impl Limited {
 
 pub struct Limits {
     per_client: DefaultKeyedRateLimiter<IpAddr>,
+    /// Per service key name; only configured names get here, so it stays small.
+    per_key: DefaultKeyedRateLimiter<Arc<str>>,
     global: DefaultDirectRateLimiter,
     checks: AtomicU64,
     sessions: Mutex<Sessions>,
@@ -68,6 +74,7 @@ impl Limits {
             |per_second: u32| Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN));
         Arc::new(Self {
             per_client: RateLimiter::keyed(quota(config.messages_per_client)),
+            per_key: RateLimiter::keyed(quota(config.messages_per_key)),
             global: RateLimiter::direct(quota(config.messages_global)),
             checks: AtomicU64::new(0),
             sessions: Mutex::new(Sessions::default()),
@@ -83,6 +90,14 @@ impl Limits {
         }
         let now = DefaultClock::default().now();
         self.per_client.check_key(&client).map_err(|n| Limited::ClientRate(n.wait_time_from(now)))?;
+        self.global.check().map_err(|n| Limited::GlobalRate(n.wait_time_from(now)))
+    }
+
+    /// Takes one message from a service key's and the global budget; the key's caller is not
+    /// under its address's limit.
+    pub fn check_key_message(&self, key: &Arc<str>) -> Result<(), Limited> {
+        let now = DefaultClock::default().now();
+        self.per_key.check_key(key).map_err(|n| Limited::KeyRate(n.wait_time_from(now)))?;
         self.global.check().map_err(|n| Limited::GlobalRate(n.wait_time_from(now)))
     }
 
@@ -130,6 +145,7 @@ mod tests {
     fn limits(per_client: u32, global: u32, sessions: usize, per_client_sessions: usize) -> Arc<Limits> {
         Limits::new(&LimitsConfig {
             messages_per_client: per_client,
+            messages_per_key: per_client,
             messages_global: global,
             max_sessions: sessions,
             max_sessions_per_client: per_client_sessions,
@@ -150,6 +166,21 @@ mod tests {
         assert!(matches!(refused, Limited::ClientRate(_)));
         assert_eq!(refused.retry_after_secs(), 1);
         assert_eq!(l.check_message(B), Ok(()));
+    }
+
+    #[test]
+    fn a_service_key_has_its_own_budget_apart_from_its_address() {
+        let l = limits(2, 100, 10, 10);
+        let billing: Arc<str> = "billing".into();
+        let ci: Arc<str> = "ci".into();
+        for _ in 0..2 {
+            assert_eq!(l.check_message(A), Ok(()));
+        }
+        assert!(matches!(l.check_message(A), Err(Limited::ClientRate(_))), "the address is spent");
+        assert_eq!(l.check_key_message(&billing), Ok(()), "a keyed caller from it is not");
+        assert_eq!(l.check_key_message(&billing), Ok(()));
+        assert!(matches!(l.check_key_message(&billing), Err(Limited::KeyRate(_))));
+        assert_eq!(l.check_key_message(&ci), Ok(()), "each key has its own budget");
     }
 
     #[test]

@@ -4,8 +4,12 @@
 //! (several run in one test process) has its own figures.
 
 use std::{
+    collections::BTreeMap,
     fmt::Write,
-    sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
+    },
     time::Duration,
 };
 
@@ -32,7 +36,20 @@ pub struct Metrics {
     /// Milliseconds from noticing the last broker loss to being ready again.
     pub broker_last_outage_ms: AtomicU64,
     pub resubscribes: AtomicU64,
+    /// Requests refused for an `Authorization` header that is not a valid API key.
+    auth_failures: AtomicU64,
+    /// Browser requests refused for their `Origin`.
+    origins_refused: AtomicU64,
+    /// Per service key name: messages published, and refused (rate, bad message, broker).
+    /// Only names of configured keys get here, so the label set is bounded.
+    by_key: Mutex<BTreeMap<Arc<str>, KeyCounts>>,
     publish_latency: Histogram,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct KeyCounts {
+    published: u64,
+    refused: u64,
 }
 
 #[derive(Debug, Default)]
@@ -54,10 +71,40 @@ impl Metrics {
         h.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
     }
 
+    pub fn count_auth_failure(&self) {
+        self.auth_failures.fetch_add(1, Relaxed);
+    }
+
+    pub fn count_origin_refused(&self) {
+        self.origins_refused.fetch_add(1, Relaxed);
+    }
+
+    /// Counts one message of the service key `name`: published, or refused.
+    pub fn count_key(&self, name: &Arc<str>, published: bool) {
+        // A poisoned lock only means a panic elsewhere mid-count; the counts are still usable.
+        let mut by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        let counts = by_key.entry(name.clone()).or_default();
+        if published {
+            counts.published += 1;
+        } else {
+            counts.refused += 1;
+        }
+    }
+
     /// The Prometheus text exposition of every figure.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 12] = [
+        let counters: [(&str, &str, &AtomicU64); 14] = [
+            (
+                "fanout_chat_auth_failures_total",
+                "requests refused (401) for an Authorization header that is not a valid API key",
+                &self.auth_failures,
+            ),
+            (
+                "fanout_chat_origin_refused_total",
+                "browser requests refused (403) for an Origin that is not allowed",
+                &self.origins_refused,
+            ),
             (
                 "fanout_chat_queue_overflow_total",
                 "messages dropped from full session queues (x-max-length), each shown to its session as a gap",
@@ -111,6 +158,16 @@ impl Metrics {
             let _ =
                 writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
         }
+        let name = "fanout_chat_key_messages_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} messages posted with a service API key, by key name: published or refused\n# TYPE {name} counter"
+        );
+        let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (key, counts) in by_key {
+            let _ = writeln!(out, "{name}{{key=\"{key}\",result=\"published\"}} {}", counts.published);
+            let _ = writeln!(out, "{name}{{key=\"{key}\",result=\"refused\"}} {}", counts.refused);
+        }
         let gauges: [(&str, &str, &AtomicI64); 2] = [
             ("fanout_chat_sessions_open", "WebSocket sessions open now", &self.sessions_open),
             ("fanout_chat_broker_ready", "1 when the bus can publish, else 0", &self.broker_ready),
@@ -155,5 +212,23 @@ mod tests {
         assert!(text.contains("fanout_chat_publish_duration_seconds_bucket{le=\"0.0005\"} 1"), "{text}");
         assert!(text.contains("fanout_chat_publish_duration_seconds_bucket{le=\"0.005\"} 2"), "{text}");
         assert!(text.contains("fanout_chat_publish_duration_seconds_count 2"), "{text}");
+    }
+
+    #[test]
+    fn messages_of_each_service_key_are_counted_under_its_name() {
+        let m = Metrics::default();
+        let billing: Arc<str> = "billing".into();
+        m.count_key(&billing, true);
+        m.count_key(&billing, true);
+        m.count_key(&billing, false);
+        let text = m.render();
+        assert!(
+            text.contains("fanout_chat_key_messages_total{key=\"billing\",result=\"published\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fanout_chat_key_messages_total{key=\"billing\",result=\"refused\"} 1"),
+            "{text}"
+        );
     }
 }

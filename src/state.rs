@@ -13,6 +13,7 @@ use crate::{
     config::Config,
     limits::Limits,
     metrics::Metrics,
+    telemetry::Throttle,
 };
 
 /// What every handler can reach. Cheap to clone.
@@ -32,6 +33,8 @@ pub struct AppState {
     /// `?v=` of the page's asset URLs: changes with every build, so browsers never mix an old
     /// script with a new page.
     pub asset_version: Arc<str>,
+    /// Refused browser origins already logged this minute: a flood logs a line a minute.
+    pub origin_log: Arc<Throttle>,
 }
 
 impl AppState {

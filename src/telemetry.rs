@@ -1,4 +1,11 @@
-//! Log set-up: human-readable text by default, JSON lines with `LOG_FORMAT=json`.
+//! Log set-up: human-readable text by default, JSON lines with `LOG_FORMAT=json`; and a
+//! throttle for lines that a flood could repeat.
+
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -12,4 +19,55 @@ pub fn init(format: LogFormat) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).try_init(),
     };
+}
+
+/// Says whether a line about `key` should be logged now: at most once per `every` for each
+/// key, so that a flood of one kind of refusal logs a line a minute, not a line a request.
+pub struct Throttle {
+    every: Duration,
+    last: Mutex<HashMap<String, Instant>>,
+}
+
+/// Keys remembered at most; past this the oldest memories are dropped (a flood of distinct
+/// keys then logs more often, but never grows memory).
+const THROTTLE_KEYS: usize = 1024;
+
+impl Throttle {
+    pub fn new(every: Duration) -> Self {
+        Self { every, last: Mutex::new(HashMap::new()) }
+    }
+
+    /// True the first time `key` is seen, and again once `every` has passed since.
+    pub fn first_in_a_while(&self, key: &str) -> bool {
+        let now = Instant::now();
+        // A poisoned lock only means a panic elsewhere mid-insert; the map is still usable.
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.get(key).is_some_and(|at| now.duration_since(*at) < self.every) {
+            return false;
+        }
+        if last.len() >= THROTTLE_KEYS {
+            last.retain(|_, at| now.duration_since(*at) < self.every);
+            if last.len() >= THROTTLE_KEYS {
+                last.clear();
+            }
+        }
+        last.insert(key.to_owned(), now);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_is_logged_once_per_period_and_others_independently() {
+        let throttle = Throttle::new(Duration::from_secs(60));
+        assert!(throttle.first_in_a_while("http://evil.example"));
+        assert!(!throttle.first_in_a_while("http://evil.example"));
+        assert!(throttle.first_in_a_while("http://other.example"));
+        let quick = Throttle::new(Duration::ZERO);
+        assert!(quick.first_in_a_while("a"));
+        assert!(quick.first_in_a_while("a"), "a period that has passed logs again");
+    }
 }

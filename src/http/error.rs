@@ -39,6 +39,12 @@ pub enum AppError {
     ShuttingDown,
     #[error(transparent)]
     Limited(#[from] Limited),
+    /// An `Authorization` header that is not a valid API key.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A browser request from an origin that may not use this server.
+    #[error("requests from this page's origin are not allowed; see NOTIFIER_ALLOWED_ORIGINS")]
+    ForbiddenOrigin,
     #[error("the page could not be rendered")]
     Render(#[from] askama::Error),
 }
@@ -56,6 +62,8 @@ impl AppError {
             Self::Rejected(status, _) => *status,
             Self::Bus(_) | Self::History(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::ForbiddenOrigin => StatusCode::FORBIDDEN,
             Self::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -87,6 +95,13 @@ impl IntoResponse for AppError {
         };
         if let Some(secs) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Self::Unauthorized(_) = &self {
+            // RFC 6750: the scheme to use, and that the token offered was not a valid one.
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"fanout-chat\", error=\"invalid_token\""),
+            );
         }
         response
     }

@@ -1,6 +1,8 @@
 //! `POST /messages`: validate, publish, answer with the envelope. Delivery is the bus's job.
 //! `GET /messages`: recent history, newest last, a page at a time.
 
+use std::sync::Arc;
+
 use axum::{
     Json,
     body::Bytes,
@@ -11,19 +13,50 @@ use axum::{
 use percent_encoding::percent_decode;
 use serde::Deserialize;
 
-use super::{client::ClientIp, error::AppError};
+use super::{
+    auth::{Caller, check_origin},
+    client::ClientIp,
+    error::AppError,
+};
 use crate::{
     chat::{Draft, Envelope},
     state::AppState,
 };
 
+/// `POST /messages`. A caller with a service key is under its key's limit and named in
+/// `from`; anyone else is under its address's limit, and a browser must come from an allowed
+/// origin.
 pub async fn post_message(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
+    caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<Envelope>), AppError> {
-    state.limits.check_message(client)?;
+    match &caller {
+        Caller::Service(key) => {
+            let result = publish(&state, Some(key), &headers, body).await;
+            state.metrics.count_key(key, result.is_ok());
+            result
+        }
+        Caller::Anonymous => {
+            check_origin(&state, &headers)?;
+            state.limits.check_message(client)?;
+            publish(&state, None, &headers, body).await
+        }
+    }
+}
+
+/// Reads, validates and publishes one message; a service's after its key's limit.
+async fn publish(
+    state: &AppState,
+    key: Option<&Arc<str>>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<Envelope>), AppError> {
+    if let Some(key) = key {
+        state.limits.check_key_message(key)?;
+    }
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => AppError::TooLarge(format!(
             "the request body is too large; the message limit is {} bytes",
@@ -31,8 +64,12 @@ pub async fn post_message(
         )),
         _ => AppError::BadRequest(rejection.body_text()),
     })?;
-    let draft = parse_body(&headers, &body)?;
-    let envelope = Envelope::new(draft.validate(state.config.messages.max_bytes)?);
+    let draft = parse_body(headers, &body)?;
+    let message = draft.validate(state.config.messages.max_bytes)?;
+    let envelope = match key {
+        Some(key) => Envelope::from_service(message, key),
+        None => Envelope::new(message),
+    };
     state.publish(&envelope).await?;
     Ok((StatusCode::ACCEPTED, Json(envelope)))
 }

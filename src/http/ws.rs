@@ -17,6 +17,7 @@ use axum::{
         rejection::QueryRejection,
         ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade, close_code},
     },
+    http::HeaderMap,
     response::Response,
 };
 use futures_util::{FutureExt, SinkExt};
@@ -24,7 +25,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tracing::Instrument;
 
-use super::{client::ClientIp, error::AppError};
+use super::{auth::check_origin, client::ClientIp, error::AppError};
 use crate::{
     bus::{Ack, Event, Subscription},
     chat::{Draft, Envelope, ts_from_millis},
@@ -49,9 +50,12 @@ const MAX_SINCE_BYTES: usize = 256;
 pub async fn upgrade(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
+    headers: HeaderMap,
     resume: Result<Query<Resume>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, AppError> {
+    // First: a page of another site gets nothing opened, not even a queue.
+    check_origin(&state, &headers)?;
     let upgrade = upgrade.map_err(|r| AppError::Rejected(r.status(), r.body_text()))?;
     let Query(resume) = resume.map_err(|r| AppError::BadRequest(r.body_text()))?;
     let since = resume.since.filter(|s| !s.is_empty());

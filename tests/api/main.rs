@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, reason = "a test fails loudly where its setup is broken")]
 
+mod callers;
 mod capacity;
 mod chaos;
 mod faults;
