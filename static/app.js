@@ -212,6 +212,19 @@
       user.classList.add("anon");
     }
 
+    // Posted by a backend service with its API key: the key's name, as a badge.
+    const from = typeof env.from === "string" ? env.from.trim() : "";
+    let badge = null;
+    if (from) {
+      badge = document.createElement("span");
+      badge.className = "msg-badge";
+      badge.title = `Sent by the service "${from}" with its API key`;
+      const said = document.createElement("span");
+      said.className = "visually-hidden";
+      said.textContent = "service ";
+      badge.append(said, from);
+    }
+
     const time = document.createElement("time");
     time.className = "msg-time";
     const when = new Date(typeof env.ts === "string" ? env.ts : NaN);
@@ -227,7 +240,8 @@
     text.className = "msg-text";
     text.textContent = env.text;
 
-    item.append(user, time, text);
+    if (badge) item.append(user, badge, time, text);
+    else item.append(user, time, text);
     return item;
   }
 

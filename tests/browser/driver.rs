@@ -153,6 +153,7 @@ impl Page {
                     time: m.querySelector('.msg-time').textContent,
                     text: m.querySelector('.msg-text').textContent,
                     own: m.classList.contains('own'),
+                    badge: m.querySelector('.msg-badge')?.textContent ?? null,
                 }))",
             )
             .await;
@@ -278,4 +279,6 @@ pub struct Shown {
     pub time: String,
     pub text: String,
     pub own: bool,
+    /// The service badge's text (its key's name, after a hidden "service "), if it has one.
+    pub badge: Option<String>,
 }

@@ -1,5 +1,6 @@
 //! What people do with the page, each as a test.
 
+use fanout_chat::config::ApiKeys;
 use fantoccini::{Locator, key::Key};
 use lapin::BasicProperties;
 use serde_json::json;
@@ -83,6 +84,34 @@ async fn messages_from_curl_and_from_another_service_appear() {
     assert_eq!(from_service.user, "billing");
     assert!(!from_service.own);
     page.screenshot("2-curl-and-service").await;
+    page.close().await;
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_posted_with_a_service_key_shows_the_service_badge() {
+    let mut config = test_config(BusKind::Rabbit);
+    config.access.api_keys = ApiKeys::read(Some("deploys:d3pl0y-k3y-for-the-browser-test"), None).unwrap();
+    let app = spawn_app_with(config).await;
+    let driver = Driver::start().await;
+    let page = open(&driver, &app, DESKTOP).await;
+
+    let response = app
+        .http
+        .post(app.url("/messages"))
+        .bearer_auth("d3pl0y-k3y-for-the-browser-test")
+        .json(&json!({ "text": "v2.4.1 is live", "user": "release bot" }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let (keyed, _) = page.wait_for_message("v2.4.1 is live").await;
+    assert_eq!(keyed.user, "release bot");
+    assert_eq!(keyed.badge.as_deref(), Some("service deploys"), "the badge names the key");
+    app.post_json(json!({ "text": "nice", "user": "Ada" })).await;
+    let (person, _) = page.wait_for_message("nice").await;
+    assert_eq!(person.badge, None, "a person's message has no badge");
+    page.screenshot("service-badge").await;
     page.close().await;
     app.stop().await;
 }
