@@ -137,6 +137,19 @@ fn next_id() -> String {
     generated.unwrap_or_else(|()| ulid::Ulid::new()).to_string()
 }
 
+/// How far ahead of this server's clock another server's clock may be: ids up to this far in
+/// the future are taken as real.
+pub const CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether `id` is a ULID whose time is later than now (give or take [`CLOCK_SKEW`]): no message
+/// has it yet, so a request that names it as a place in history is a mistake (or a probe), and
+/// is answered at once rather than by waiting for such a message to appear.
+pub fn is_from_the_future(id: &str) -> bool {
+    let Ok(ulid) = ulid::Ulid::from_string(id) else { return false };
+    let now = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+    i128::from(ulid.timestamp_ms()) > now + CLOCK_SKEW.as_millis() as i128
+}
+
 /// Milliseconds since the epoch as an envelope's `ts`.
 pub fn ts_from_millis(millis: i64) -> String {
     let t = OffsetDateTime::from_unix_timestamp_nanos(i128::from(millis) * 1_000_000)

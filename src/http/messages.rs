@@ -19,7 +19,7 @@ use super::{
     error::AppError,
 };
 use crate::{
-    chat::{Draft, Envelope},
+    chat::{Draft, Envelope, is_from_the_future},
     state::AppState,
 };
 
@@ -98,6 +98,11 @@ pub async fn list_messages(
         })?,
     };
     let before = query.before.filter(|b| !b.is_empty());
+    if before.as_deref().is_some_and(is_from_the_future) {
+        return Err(AppError::BadRequest(
+            "before names a message from the future; no such message exists".into(),
+        ));
+    }
     let (frames, has_more) = state.bus.history_page(limit, before.as_deref()).await.map_err(|e| {
         tracing::warn!(error = %e, "history read failed");
         AppError::History(e)

@@ -28,7 +28,7 @@ use tracing::Instrument;
 use super::{auth::check_origin, client::ClientIp, error::AppError};
 use crate::{
     bus::{Ack, Event, Subscription},
-    chat::{Draft, Envelope, ts_from_millis},
+    chat::{Draft, Envelope, is_from_the_future, ts_from_millis},
     limits::SessionPermit,
     state::AppState,
 };
@@ -61,6 +61,11 @@ pub async fn upgrade(
     let since = resume.since.filter(|s| !s.is_empty());
     if since.as_ref().is_some_and(|s| s.len() > MAX_SINCE_BYTES) {
         return Err(AppError::BadRequest(format!("since is longer than {MAX_SINCE_BYTES} bytes")));
+    }
+    if since.as_deref().is_some_and(is_from_the_future) {
+        return Err(AppError::BadRequest(
+            "since names a message from the future; no such message exists".into(),
+        ));
     }
     if state.is_draining() {
         return Err(AppError::ShuttingDown);

@@ -34,6 +34,9 @@ use crate::bus::history::NewEntry;
 const MARKER_HEADER: &str = "x-fanout-chat-marker";
 /// Unacknowledged deliveries of a stream consumer (streams require a prefetch).
 const STREAM_PREFETCH: u16 = 500;
+/// How far past the time in an id [`locate`] reads before it gives up: the clock skew between
+/// servers, and a second for the whole-second AMQP timestamp.
+const LOCATE_SLACK_MS: u64 = crate::chat::CLOCK_SKEW.as_millis() as u64 + 1000;
 /// How long one read of the stream (finding the tail, a page of history) may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -234,7 +237,8 @@ pub(super) async fn read_before(
 }
 
 /// Finds the offset of the message `id`, older than offset `until` (the window's oldest), by
-/// reading the stream from a second before the time in its ULID up to `until`. `None`: not an
+/// reading the stream from a second before the time in its ULID up to `until`, or up to the
+/// first message published well after that time. `None`: not an
 /// id of ours, or no longer in the stream. A read that does not finish in time is an error.
 pub(super) async fn locate(
     connection: &Connection,
@@ -255,6 +259,13 @@ pub(super) async fn locate(
             let _ = delivery.acker.ack(BasicAckOptions::default()).now_or_never();
             if offset >= until {
                 break; // From here on the window has it all, and it was not there.
+            }
+            // Past the id's time (and any clock skew between servers): it is not further on.
+            // This bounds the read for an id older than the stream, whatever the stream holds.
+            // Only the publisher's own timestamp counts (ours, and most services', set it).
+            let published_ms = delivery.properties.timestamp().map(|secs| secs.saturating_mul(1000));
+            if published_ms.is_some_and(|ms| ms > millis.saturating_add(LOCATE_SLACK_MS)) {
+                break;
             }
             let Some(entry) = into_entry(delivery, offset, max_bytes) else { continue };
             // The random part too: another service's message without a timestamp has the time
