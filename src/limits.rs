@@ -93,12 +93,12 @@ impl Limits {
         self.global.check().map_err(|n| Limited::GlobalRate(n.wait_time_from(now)))
     }
 
-    /// Takes one message from a service key's and the global budget; the key's caller is not
-    /// under its address's limit.
+    /// Takes one message from a service key's budget. A keyed caller is under neither its
+    /// address's limit nor the global one (which holds anonymous floods back): busy services
+    /// must not lock people out, and each key's own limit bounds it.
     pub fn check_key_message(&self, key: &Arc<str>) -> Result<(), Limited> {
         let now = DefaultClock::default().now();
-        self.per_key.check_key(key).map_err(|n| Limited::KeyRate(n.wait_time_from(now)))?;
-        self.global.check().map_err(|n| Limited::GlobalRate(n.wait_time_from(now)))
+        self.per_key.check_key(key).map_err(|n| Limited::KeyRate(n.wait_time_from(now)))
     }
 
     /// Admits one more session, or says why not. The place is held until the permit drops.
@@ -181,6 +181,10 @@ mod tests {
         assert_eq!(l.check_key_message(&billing), Ok(()));
         assert!(matches!(l.check_key_message(&billing), Err(Limited::KeyRate(_))));
         assert_eq!(l.check_key_message(&ci), Ok(()), "each key has its own budget");
+        let busy = limits(2, 1, 10, 10);
+        assert_eq!(busy.check_key_message(&billing), Ok(()));
+        assert_eq!(busy.check_key_message(&billing), Ok(()));
+        assert_eq!(busy.check_message(A), Ok(()), "keyed traffic leaves the global budget to people");
     }
 
     #[test]

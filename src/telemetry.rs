@@ -28,8 +28,8 @@ pub struct Throttle {
     last: Mutex<HashMap<String, Instant>>,
 }
 
-/// Keys remembered at most; past this the oldest memories are dropped (a flood of distinct
-/// keys then logs more often, but never grows memory).
+/// Keys remembered at most: a flood of distinct keys logs this many lines a period, and never
+/// grows memory.
 const THROTTLE_KEYS: usize = 1024;
 
 impl Throttle {
@@ -48,7 +48,9 @@ impl Throttle {
         if last.len() >= THROTTLE_KEYS {
             last.retain(|_, at| now.duration_since(*at) < self.every);
             if last.len() >= THROTTLE_KEYS {
-                last.clear();
+                // As many distinct keys this period as it remembers: a flood of new ones is not
+                // logged one by one (nor remembered), until the period frees room.
+                return false;
             }
         }
         last.insert(key.to_owned(), now);
@@ -69,5 +71,9 @@ mod tests {
         let quick = Throttle::new(Duration::ZERO);
         assert!(quick.first_in_a_while("a"));
         assert!(quick.first_in_a_while("a"), "a period that has passed logs again");
+        for n in 0..THROTTLE_KEYS {
+            throttle.first_in_a_while(&format!("flood {n}"));
+        }
+        assert!(!throttle.first_in_a_while("one more"), "a flood of new keys is not logged one by one");
     }
 }

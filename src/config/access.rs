@@ -11,6 +11,9 @@ use super::{ConfigError, Secret};
 
 /// Shortest key accepted: a guessable key is no credential.
 const MIN_KEY_LEN: usize = 16;
+/// Longest key accepted: keys are compared padded to this length, so that the time taken does
+/// not tell a key's length either.
+const MAX_KEY_LEN: usize = 256;
 /// Longest key name: it is a label (in `from`, in metrics).
 const MAX_NAME_LEN: usize = 64;
 
@@ -36,10 +39,8 @@ impl ApiKeys {
     pub fn read(list: Option<&str>, file: Option<&str>) -> Result<Self, ConfigError> {
         let mut keys = Self::default();
         if let Some(list) = list {
-            for (index, item) in list.split(',').map(str::trim).enumerate() {
-                if item.is_empty() && list.trim().is_empty() {
-                    break;
-                }
+            // Empty entries (a trailing comma, an empty variable) are skipped.
+            for (index, item) in list.split(',').map(str::trim).enumerate().filter(|(_, i)| !i.is_empty()) {
                 keys.add(item)
                     .map_err(|e| ConfigError(format!("NOTIFIER_API_KEYS: entry {}: {e}", index + 1)))?;
             }
@@ -60,7 +61,8 @@ impl ApiKeys {
         Ok(keys)
     }
 
-    /// Adds one `name:key`; the error never contains the key.
+    /// Adds one `name:key`. The error shows neither: an entry written the wrong way round
+    /// (`key:name`) would otherwise print its key.
     fn add(&mut self, entry: &str) -> Result<(), String> {
         let Some((name, key)) = entry.split_once(':') else {
             return Err("expected name:key".into());
@@ -70,31 +72,39 @@ impl ApiKeys {
             && name.len() <= MAX_NAME_LEN
             && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
         if !name_ok {
-            return Err(format!(
-                "the name {name:?} must be 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"
-            ));
+            return Err(format!("the name must be 1 to {MAX_NAME_LEN} letters, digits, '-', '_' or '.'"));
         }
-        if key.len() < MIN_KEY_LEN || !key.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        let key_ok = (MIN_KEY_LEN..=MAX_KEY_LEN).contains(&key.len())
+            && key.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+        if !key_ok {
             return Err(format!(
-                "the key of {name:?} must be at least {MIN_KEY_LEN} printable characters, without spaces or commas"
+                "the key must be {MIN_KEY_LEN} to {MAX_KEY_LEN} printable characters, without spaces or commas"
             ));
         }
         if self.0.iter().any(|k| &*k.name == name) {
-            return Err(format!("the name {name:?} is given twice"));
+            return Err("the same name as an earlier entry".into());
         }
         if self.find(key).is_some() {
-            return Err(format!("the key of {name:?} is also another name's key"));
+            return Err("the same key as an earlier entry".into());
         }
         self.0.push(ApiKey { name: name.into(), key: Secret::new(key) });
         Ok(())
     }
 
     /// The name of the key `presented`, if it is one. Every key is compared, each in constant
-    /// time, so the time taken does not tell how much of a key was right, nor which one.
+    /// time over [`MAX_KEY_LEN`] bytes, so the time taken tells neither how much of a key was
+    /// right, nor which key, nor how long the keys are.
     pub fn find(&self, presented: &str) -> Option<Arc<str>> {
+        if presented.len() > MAX_KEY_LEN {
+            return None; // No key is that long.
+        }
+        let padded = pad(presented.as_bytes());
+        let length = presented.len() as u64;
         let mut found = None;
         for key in &self.0 {
-            if bool::from(key.key.expose().as_bytes().ct_eq(presented.as_bytes())) {
+            let own = key.key.expose().as_bytes();
+            let same = pad(own).ct_eq(&padded) & (own.len() as u64).ct_eq(&length);
+            if bool::from(same) {
                 found = Some(key.name.clone());
             }
         }
@@ -111,7 +121,16 @@ impl ApiKeys {
     }
 }
 
-/// `NOTIFIER_ALLOWED_ORIGINS`: which browser origins may open a WebSocket or post.
+/// `bytes` (at most [`MAX_KEY_LEN`]) zero-padded to [`MAX_KEY_LEN`].
+fn pad(bytes: &[u8]) -> [u8; MAX_KEY_LEN] {
+    let mut padded = [0u8; MAX_KEY_LEN];
+    let n = bytes.len().min(MAX_KEY_LEN);
+    padded[..n].copy_from_slice(&bytes[..n]);
+    padded
+}
+
+/// `NOTIFIER_ALLOWED_ORIGINS`: which browser origins may open a WebSocket or post, besides the
+/// page's own (always allowed: the page served by this server posts to it).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum AllowedOrigins {
     /// Unset: only the page's own origin (the request's `Host`, or `X-Forwarded-Host` behind
@@ -120,7 +139,7 @@ pub enum AllowedOrigins {
     SameOrigin,
     /// `*`: any origin.
     Any,
-    /// A comma list of origins, `scheme://host[:port]`, compared without case.
+    /// The page's own origin and these, `scheme://host[:port]`, compared without case.
     List(Vec<String>),
 }
 
@@ -172,23 +191,31 @@ mod tests {
     }
 
     #[test]
-    fn a_bad_key_entry_names_the_variable_and_never_echoes_the_key() {
-        let secret = "s3cr3t-but-short";
+    fn a_bad_key_entry_names_the_variable_and_entry_and_never_echoes_a_name_or_key() {
+        let key = "0123456789abcdef";
         for (list, expected) in [
             ("billing", "expected name:key"),
-            ("billing:short", "at least 16"),
+            ("billing:short", "16 to 256"),
             ("bad name:0123456789abcdef0", "must be 1 to 64"),
-            ("a:0123456789abcdef0,a:0123456789abcdef1", "given twice"),
-            ("a:0123456789abcdef0,b:0123456789abcdef0", "also another name's key"),
-            (&format!("x:{secret} y"), "without spaces"),
+            ("a:0123456789abcdef0,a:0123456789abcdef1", "same name"),
+            ("a:0123456789abcdef0,b:0123456789abcdef0", "same key"),
+            ("x:0123456789abcdef y", "without spaces"),
+            // Written the wrong way round: the "name" is the key.
+            ("0123456789abcdef0123:billing", "16 to 256"),
+            ("a+b/c=0123456789abcdef:billing", "must be 1 to 64"),
         ] {
             let err = ApiKeys::read(Some(list), None).unwrap_err().to_string();
-            assert!(err.contains("NOTIFIER_API_KEYS"), "{list}: {err}");
+            assert!(err.contains("NOTIFIER_API_KEYS: entry"), "{list}: {err}");
             assert!(err.contains(expected), "{list}: {err}");
-            assert!(!err.contains("0123456789abcdef") && !err.contains(secret), "echoes a key: {err}");
+            assert!(!err.contains(key) && !err.contains("billing"), "echoes an entry: {err}");
         }
         let err = ApiKeys::read(None, Some("/nonexistent/keys")).unwrap_err().to_string();
         assert!(err.contains("NOTIFIER_API_KEYS_FILE") && err.contains("/nonexistent/keys"), "{err}");
+        let long = format!("a:{}", "k".repeat(257));
+        assert!(ApiKeys::read(Some(&long), None).is_err(), "a key over 256 bytes");
+        let keys = ApiKeys::read(Some("a:0123456789abcdef0,"), None).unwrap();
+        assert_eq!(keys.names().collect::<Vec<_>>(), ["a"], "a trailing comma is no entry");
+        assert_eq!(keys.find(&"k".repeat(300)), None);
     }
 
     #[test]

@@ -29,7 +29,12 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = AppError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else { return Ok(Self::Anonymous) };
+        let keys = &state.config.access.api_keys;
+        // Without keys configured the header is not ours to judge: an auth proxy in front
+        // (basic auth, oauth2-proxy) may pass its own on to us.
+        let Some(value) = parts.headers.get(header::AUTHORIZATION).filter(|_| !keys.is_empty()) else {
+            return Ok(Self::Anonymous);
+        };
         let refused = |reason: &str| {
             state.metrics.count_auth_failure();
             AppError::Unauthorized(reason.to_owned())
@@ -43,31 +48,35 @@ impl FromRequestParts<AppState> for Caller {
         if token.is_empty() {
             return Err(refused("the Bearer API key is empty"));
         }
-        match state.config.access.api_keys.find(token) {
+        match keys.find(token) {
             Some(name) => Ok(Self::Service(name)),
             None => Err(refused("this API key is not valid")),
         }
     }
 }
 
-/// Refuses a browser request whose `Origin` is not allowed (403); a request without `Origin`
-/// (curl, a service) passes. Each refused origin is logged at most once a minute.
+/// Refuses a browser request whose `Origin` is not allowed (403): the page's own origin, and
+/// those of `NOTIFIER_ALLOWED_ORIGINS`, are. A request without `Origin` (curl, a service)
+/// passes. Each refused origin is logged at most once a minute.
 pub fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppError> {
     let Some(origin) = headers.get(header::ORIGIN) else { return Ok(()) };
     let origin = origin.to_str().unwrap_or("").trim();
     let allowed = match &state.config.access.allowed_origins {
         AllowedOrigins::Any => true,
-        AllowedOrigins::List(list) => list.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)),
-        AllowedOrigins::SameOrigin => {
+        AllowedOrigins::List(list) if list.iter().any(|allowed| allowed.eq_ignore_ascii_case(origin)) => true,
+        AllowedOrigins::List(_) | AllowedOrigins::SameOrigin => {
             // Behind a proxy trusted to name the client, it also names the host it was asked for.
             let forwarded = state
                 .config
                 .limits
                 .client_ip_header
                 .as_ref()
-                .and_then(|_| headers.get("x-forwarded-host"))
+                .and_then(|_| headers.get_all("x-forwarded-host").iter().next_back())
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.split(',').next());
+                // The last value is the one the trusted proxy added.
+                .and_then(|v| v.rsplit(',').next())
+                .map(str::trim)
+                .filter(|v| !v.is_empty());
             let host = forwarded.or_else(|| headers.get(header::HOST).and_then(|v| v.to_str().ok()));
             host.is_some_and(|host| same_origin(origin, host))
         }
@@ -75,8 +84,11 @@ pub fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), AppErro
     if allowed {
         return Ok(());
     }
-    if state.origin_log.first_in_a_while(origin) {
-        tracing::warn!(origin, "refused a browser request from an origin that is not allowed");
+    // At most 200 bytes of what the client wrote reach the log, and the throttle's memory
+    // (a readable header value is ASCII, so any byte is a character boundary).
+    let shown = origin.get(..origin.len().min(200)).unwrap_or_default();
+    if state.origin_log.first_in_a_while(shown) {
+        tracing::warn!(origin = shown, "refused a browser request from an origin that is not allowed");
     }
     state.metrics.count_origin_refused();
     Err(AppError::ForbiddenOrigin)

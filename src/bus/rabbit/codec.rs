@@ -28,6 +28,8 @@ pub(super) fn decode(body: Vec<u8>, p: &BasicProperties) -> (Frame, Envelope) {
             Ok(json) => (Frame::new(json, key), envelope),
             Err(e) => (Frame::new(String::from_utf8_lossy(e.as_bytes()).into_owned(), key), envelope),
         },
-        Decoded::Wrapped(envelope) => (Frame::new(envelope.to_json(), key), envelope),
+        Decoded::Reencoded(envelope) | Decoded::Wrapped(envelope) => {
+            (Frame::new(envelope.to_json(), key), envelope)
+        }
     }
 }
