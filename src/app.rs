@@ -13,11 +13,17 @@ use std::{
     time::Duration,
 };
 
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
-    bus::Bus, config::Config, http, limits::Limits, metrics::Metrics, state::AppState, telemetry::Throttle,
+    bus::Bus,
+    config::Config,
+    http,
+    limits::Limits,
+    metrics::Metrics,
+    state::{AppState, PAGE_BUDGET_KIB},
+    telemetry::Throttle,
 };
 
 /// A bound, not yet serving, application.
@@ -59,6 +65,7 @@ impl Application {
             shutdown: CancellationToken::new(),
             sessions: TaskTracker::new(),
             origin_log: Arc::new(Throttle::new(Duration::from_secs(60))),
+            page_budget: Arc::new(Semaphore::new(PAGE_BUDGET_KIB)),
         };
         Ok(Self { listener, state, bus_shutdown })
     }

@@ -73,6 +73,21 @@ impl Frame {
     }
 }
 
+/// Drops the oldest of `frames` (oldest first) until the rest fit in `max_bytes`, keeping at
+/// least the newest one; true when any was dropped.
+pub fn keep_newest_within(frames: &mut Vec<Frame>, max_bytes: usize) -> bool {
+    let mut total = 0;
+    let keep_from = frames
+        .iter()
+        .rposition(|frame| {
+            total += frame.text().len();
+            total > max_bytes
+        })
+        .map_or(0, |over| (over + 1).min(frames.len() - 1));
+    frames.drain(..keep_from);
+    keep_from > 0
+}
+
 impl From<String> for Frame {
     /// A frame whose key is the hash of its JSON: for messages this process made.
     fn from(json: String) -> Self {
@@ -187,20 +202,25 @@ impl Bus {
         }
     }
 
-    /// Up to `limit` messages before the message `before` (or the newest), oldest first, and
-    /// whether older ones may exist. Older than the window, RabbitMQ reads them from the history
-    /// stream.
+    /// Up to `limit` messages, and at most `max_bytes` of them, before the message `before`
+    /// (or the newest), oldest first, and whether older ones may exist. Older than the window,
+    /// RabbitMQ reads them from the history stream.
     pub async fn history_page(
         &self,
         limit: usize,
         before: Option<&str>,
+        max_bytes: usize,
     ) -> Result<(Vec<Frame>, bool), BusError> {
         match self {
             Self::Memory(bus) => Ok(match bus.history().page(limit, before) {
-                Some(page) => (page.entries.into_iter().map(|e| e.frame).collect(), page.more_in_window),
+                Some(page) => {
+                    let mut frames: Vec<Frame> = page.entries.into_iter().map(|e| e.frame).collect();
+                    let trimmed = keep_newest_within(&mut frames, max_bytes);
+                    (frames, page.more_in_window || trimmed)
+                }
                 None => (Vec::new(), false),
             }),
-            Self::Rabbit(bus) => bus.history_page(limit, before).await,
+            Self::Rabbit(bus) => bus.history_page(limit, before, max_bytes).await,
         }
     }
 
@@ -247,5 +267,32 @@ impl Live {
             Self::Memory(sub) => sub.next().await,
             Self::Rabbit(sub) => sub.next().await,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frames(sizes: &[usize]) -> Vec<Frame> {
+        sizes.iter().map(|&n| Frame::from("x".repeat(n))).collect()
+    }
+
+    #[test]
+    fn a_page_keeps_its_newest_messages_within_the_byte_cap() {
+        let mut page = frames(&[400, 300, 200, 100]);
+        assert!(keep_newest_within(&mut page, 350), "the oldest go");
+        assert_eq!(page.iter().map(|f| f.text().len()).collect::<Vec<_>>(), [200, 100]);
+        let mut page = frames(&[100, 100]);
+        assert!(!keep_newest_within(&mut page, 200), "exactly at the cap: all stay");
+        assert_eq!(page.len(), 2);
+        let mut page = frames(&[900]);
+        assert!(!keep_newest_within(&mut page, 100), "the newest always stays, even alone over the cap");
+        assert_eq!(page.len(), 1);
+        let mut page = frames(&[500, 900]);
+        assert!(keep_newest_within(&mut page, 100));
+        assert_eq!(page.iter().map(|f| f.text().len()).collect::<Vec<_>>(), [900]);
+        let mut empty = Vec::new();
+        assert!(!keep_newest_within(&mut empty, 0));
     }
 }

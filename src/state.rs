@@ -5,6 +5,7 @@
 
 use std::sync::{Arc, atomic::Ordering::Relaxed};
 
+use tokio::sync::Semaphore;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
@@ -35,7 +36,14 @@ pub struct AppState {
     pub asset_version: Arc<str>,
     /// Refused browser origins already logged this minute: a flood logs a line a minute.
     pub origin_log: Arc<Throttle>,
+    /// Bytes (in KiB) of history pages being sent at once, over every request: a client that
+    /// asks for pages and never reads them holds its share, not the process's memory.
+    pub page_budget: Arc<Semaphore>,
 }
+
+/// The process-wide budget of history pages in flight, in KiB (32 MiB: 32 full pages, or
+/// thousands of ordinary ones).
+pub const PAGE_BUDGET_KIB: usize = 32 * 1024;
 
 impl AppState {
     /// Shutting down: not ready, no new sessions.

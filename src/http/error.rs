@@ -37,6 +37,9 @@ pub enum AppError {
     History(BusError),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A budget of the process is spent for now (503, retry shortly).
+    #[error("{0}")]
+    Busy(&'static str),
     #[error(transparent)]
     Limited(#[from] Limited),
     /// An `Authorization` header that is not a valid API key.
@@ -60,7 +63,9 @@ impl AppError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Rejected(status, _) => *status,
-            Self::Bus(_) | Self::History(_) | Self::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Bus(_) | Self::History(_) | Self::ShuttingDown | Self::Busy(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             Self::Limited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ForbiddenOrigin => StatusCode::FORBIDDEN,

@@ -1,17 +1,18 @@
 //! `POST /messages`: validate, publish, answer with the envelope. Delivery is the bus's job.
 //! `GET /messages`: recent history, newest last, a page at a time.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use axum::{
     Json,
-    body::Bytes,
+    body::{Body, Bytes},
     extract::{Query, State, rejection::BytesRejection, rejection::QueryRejection},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
 use percent_encoding::percent_decode;
 use serde::Deserialize;
+use tokio::sync::OwnedSemaphorePermit;
 
 use super::{
     auth::{Caller, check_origin},
@@ -74,9 +75,14 @@ async fn publish(
     Ok((StatusCode::ACCEPTED, Json(envelope)))
 }
 
-/// Default and largest page of `GET /messages`.
+/// Default and largest page of `GET /messages`, in messages.
 const DEFAULT_PAGE: usize = 50;
 const MAX_PAGE: usize = 500;
+/// Most bytes of messages in one page: `limit` is a maximum, not a promise. A page cut short
+/// says `has_more`, and the next one starts before its oldest message.
+pub const PAGE_MAX_BYTES: usize = 1 << 20;
+/// How long a page may wait for room in the process's page budget before it is answered 503.
+const PAGE_BUDGET_WAIT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Deserialize)]
 pub struct PageQuery {
@@ -103,10 +109,22 @@ pub async fn list_messages(
             "before names a message from the future; no such message exists".into(),
         ));
     }
-    let (frames, has_more) = state.bus.history_page(limit, before.as_deref()).await.map_err(|e| {
-        tracing::warn!(error = %e, "history read failed");
-        AppError::History(e)
-    })?;
+    // Room for a full page first, before anything is read; what the page does not use is given
+    // back once it is built. Held until the body is sent (or the client goes).
+    let full_page_kib = (PAGE_MAX_BYTES + PAGE_OVERHEAD).div_ceil(1024);
+    let mut permit = tokio::time::timeout(
+        PAGE_BUDGET_WAIT,
+        state.page_budget.clone().acquire_many_owned(full_page_kib as u32),
+    )
+    .await
+    .ok()
+    .and_then(Result::ok)
+    .ok_or(AppError::Busy("too many pages of history are being sent right now; try again shortly"))?;
+    let (frames, has_more) =
+        state.bus.history_page(limit, before.as_deref(), PAGE_MAX_BYTES).await.map_err(|e| {
+            tracing::warn!(error = %e, "history read failed");
+            AppError::History(e)
+        })?;
     // The frames are envelope JSON already: the page is put together, not re-encoded.
     let mut body = String::with_capacity(frames.iter().map(|f| f.text().len() + 1).sum::<usize>() + 40);
     body.push_str("{\"messages\":[");
@@ -119,10 +137,28 @@ pub async fn list_messages(
     body.push_str("],\"has_more\":");
     body.push_str(if has_more { "true" } else { "false" });
     body.push('}');
-    let mut response = body.into_response();
+    let _unused = permit.split(full_page_kib.saturating_sub(body.len().div_ceil(1024)));
+    let body = Bytes::from_owner(PageBody { json: body.into_bytes(), _permit: permit });
+    let mut response = Body::from(body).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
+}
+
+/// The JSON of the envelopes' page wrapper and separators, beyond the messages themselves.
+const PAGE_OVERHEAD: usize = MAX_PAGE + 64;
+
+/// A page's bytes and its share of the page budget, given back when the bytes are dropped
+/// (sent, or the client gone).
+struct PageBody {
+    json: Vec<u8>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for PageBody {
+    fn as_ref(&self) -> &[u8] {
+        &self.json
+    }
 }
 
 /// Reads a draft from JSON or from a form, by content type.

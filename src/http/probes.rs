@@ -8,7 +8,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::state::AppState;
+use crate::state::{AppState, PAGE_BUDGET_KIB};
 
 /// `GET /healthz`: the process runs. Never tied to the broker, so a broker outage does not
 /// make Kubernetes restart healthy pods.
@@ -35,6 +35,14 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
         "# HELP {name} recent messages held in memory for history and resuming sessions\n\
          # TYPE {name} gauge\n{name} {}\n",
         state.bus.history().held()
+    ));
+    let name = "fanout_chat_history_pages_in_flight_bytes";
+    let used_kib = PAGE_BUDGET_KIB.saturating_sub(state.page_budget.available_permits());
+    text.push_str(&format!(
+        "# HELP {name} bytes of history pages being sent now (reserved while a page is built), of a budget of {}\n\
+         # TYPE {name} gauge\n{name} {}\n",
+        PAGE_BUDGET_KIB * 1024,
+        used_kib * 1024
     ));
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
 }

@@ -8,3 +8,5 @@
 mod helpers;
 
 mod history_ids;
+mod memory;
+mod process;

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::{RabbitBus, stream};
-use crate::bus::{BusError, Frame, history};
+use crate::bus::{BusError, Frame, history, keep_newest_within};
 
 /// How long a request for history waits for the window to be filled at start-up, before it is
 /// answered 503.
@@ -21,6 +21,7 @@ impl RabbitBus {
         &self,
         limit: usize,
         before: Option<&str>,
+        max_bytes: usize,
     ) -> Result<(Vec<Frame>, bool), BusError> {
         let history = &self.0.history;
         if history.capacity() == 0 {
@@ -30,7 +31,8 @@ impl RabbitBus {
         // Where the stream must be read from (exclusive end), and what the window gave.
         let (newer, read_before) = match history.page(limit, before) {
             Some(page) if page.entries.len() >= limit || page.more_in_window => {
-                let frames = page.entries.into_iter().map(|e| e.frame).collect();
+                let mut frames = page.entries.into_iter().map(|e| e.frame).collect();
+                keep_newest_within(&mut frames, max_bytes);
                 return Ok((frames, true));
             }
             Some(page) => {
@@ -55,15 +57,29 @@ impl RabbitBus {
         };
         let mut frames = Vec::with_capacity(limit);
         let mut more = false;
+        let newer_bytes: usize = newer.iter().map(|e| e.frame.text().len()).sum();
+        if newer_bytes >= max_bytes {
+            // The window's part fills the page: what is older waits for the next one.
+            let mut newer = newer.into_iter().map(|e| e.frame).collect();
+            keep_newest_within(&mut newer, max_bytes);
+            return Ok((newer, true));
+        }
         if let Some(offset) = read_before {
             let _reading = self.stream_read().await?;
             let link = self.current_link()?;
             let stream = &self.0.config.history.name;
             let wanted = limit - newer.len();
-            let (older, older_more) =
-                stream::read_before(&link.connections[1], stream, self.0.max_frame_bytes, offset, wanted)
-                    .await
-                    .map_err(BusError::Broker)?;
+            let budget = max_bytes - newer_bytes;
+            let (older, older_more) = stream::read_before(
+                &link.connections[1],
+                stream,
+                self.0.max_frame_bytes,
+                offset,
+                wanted,
+                budget,
+            )
+            .await
+            .map_err(BusError::Broker)?;
             more = older_more;
             frames.extend(older.into_iter().map(|e| e.frame));
         }
@@ -118,7 +134,7 @@ impl RabbitBus {
         };
         let missed = window_start - located - 1;
         let wanted = usize::try_from(missed).unwrap_or(usize::MAX).min(history.capacity());
-        match stream::read_before(&link.connections[1], stream, max, window_start, wanted).await {
+        match stream::read_before(&link.connections[1], stream, max, window_start, wanted, usize::MAX).await {
             Ok((older, _)) => {
                 let gap = (missed > wanted as u64).then_some(
                     "more messages were missed than are replayed; replay starts with the most recent of them",

@@ -194,14 +194,16 @@ async fn find_tail(connection: &Connection, publisher: &Channel, stream: &str) -
     }
 }
 
-/// Reads up to `limit` messages before `before` (an offset), oldest first, and whether older
-/// ones may exist.
+/// Reads up to `limit` messages before `before` (an offset), at most `budget` bytes of them (the
+/// newest), oldest first, and whether older ones may exist. Held in memory: never more than the
+/// budget and one message.
 pub(super) async fn read_before(
     connection: &Connection,
     stream: &str,
     max_bytes: usize,
     before: u64,
     limit: usize,
+    budget: usize,
 ) -> Result<(Vec<NewEntry>, bool), String> {
     if before == 0 || limit == 0 {
         return Ok((Vec::new(), false));
@@ -210,7 +212,9 @@ pub(super) async fn read_before(
     let read = async {
         let channel = connection.create_channel().await?;
         let mut consumer = consume(&channel, stream, offset_value(start)).await?;
-        let mut entries = Vec::new();
+        let mut entries = std::collections::VecDeque::new();
+        let mut held = 0;
+        let mut dropped = false;
         let mut first_seen = None;
         while let Some(delivery) = consumer.next().await.transpose()? {
             let Some(offset) = stream_offset(&delivery) else { continue };
@@ -220,7 +224,15 @@ pub(super) async fn read_before(
             }
             first_seen.get_or_insert(offset);
             if let Some(entry) = into_entry(delivery, offset, max_bytes) {
-                entries.push(entry);
+                held += entry.frame.text().len();
+                entries.push_back(entry);
+                // Over the budget: the oldest go (the page keeps the newest), but never the last.
+                while held > budget && entries.len() > 1 {
+                    if let Some(old) = entries.pop_front() {
+                        held -= old.frame.text().len();
+                        dropped = true;
+                    }
+                }
             }
             if offset + 1 >= before {
                 break;
@@ -228,7 +240,8 @@ pub(super) async fn read_before(
         }
         let _ = channel.close(200, "OK".into()).await;
         // Retention may have removed what came before `start`: then the broker starts later.
-        Ok::<_, lapin::Error>((entries, start > 0 && first_seen == Some(start)))
+        let older_exist = start > 0 && first_seen == Some(start);
+        Ok::<_, lapin::Error>((Vec::from(entries), older_exist || dropped))
     };
     match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(result) => result.map_err(|e| format!("reading the history stream: {e}")),
