@@ -184,7 +184,7 @@ impl Bus {
                 let history = self.history();
                 history.wait_for_recent(since, Duration::from_secs(2)).await;
                 let mut start = history.start_after(since);
-                let mut older = Vec::new();
+                let mut older = history::Older::default();
                 if let (Self::Rabbit(bus), Some(_)) = (self, start.gap) {
                     // Older than the window: RabbitMQ may still have it in the stream.
                     (older, start) = bus.replay_before_window(since, start).await;

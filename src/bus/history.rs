@@ -94,6 +94,14 @@ pub struct Start {
     pub gap: Option<&'static str>,
 }
 
+/// What a resuming session is sent before the window: messages older than it, read from the
+/// stream, and the share of the process's replay budget they hold until they are sent.
+#[derive(Default)]
+pub struct Older {
+    pub entries: Vec<NewEntry>,
+    pub budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// A page of history, oldest first.
 pub struct Page {
     pub entries: Vec<Entry>,

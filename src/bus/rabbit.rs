@@ -49,7 +49,7 @@ pub use history_reads::HISTORY_FILL_WAIT;
 pub use session::RabbitSubscription;
 
 use self::{
-    history_reads::STREAM_READS,
+    history_reads::{REPLAY_BUDGET_KIB, STREAM_READS},
     link::{Link, LinkState, supervise},
     session::SessionEntry,
 };
@@ -87,6 +87,8 @@ struct Shared {
     /// Bounds the reads of the stream made on demand (history pages, long replays), each a
     /// consumer on the broker: a flood of requests for old history cannot pile them up.
     stream_reads: tokio::sync::Semaphore,
+    /// Bytes (KiB) of history replayed from the stream to resuming sessions and not yet sent.
+    replay_budget: Arc<tokio::sync::Semaphore>,
     /// The stream offset the follower reads next; `None` before the first link.
     stream_next: std::sync::Mutex<Option<u64>>,
     /// The window has been filled from the stream up to its end at start-up: until then the
@@ -114,6 +116,7 @@ impl RabbitBus {
             stream_next: std::sync::Mutex::new(None),
             process_restored: std::sync::atomic::AtomicBool::new(false),
             stream_reads: tokio::sync::Semaphore::new(STREAM_READS),
+            replay_budget: Arc::new(tokio::sync::Semaphore::new(REPLAY_BUDGET_KIB)),
             local,
             config,
             replica,

@@ -103,3 +103,32 @@ async fn forty_clients_asking_for_big_pages_and_never_reading_them_do_not_pin_me
     assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
     assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_sessions_resuming_from_before_the_window_and_never_reading_do_not_pin_memory() {
+    let app = AppProcess::start(&SEEDING).await;
+    // The window keeps 1,000 (the default): 500 more are in the stream only.
+    let posted = seed_heavy(&app, 1500, 8).await;
+    let oldest = posted.iter().map(|m| m["id"].as_str().unwrap().to_owned()).min().unwrap();
+    let newest = posted.iter().map(|m| m["id"].as_str().unwrap().to_owned()).max().unwrap();
+    app.wait_for_history(&newest).await;
+    let since = format!("/ws?since={oldest}");
+    // A session that reads is told that not everything is replayed, then gets the rest.
+    let mut reader = app.connect(&since).await;
+    let notice = reader.next_frame().await;
+    assert_eq!(notice["type"], "gap", "{notice}");
+    assert!(notice["reason"].as_str().unwrap().contains("more messages were missed"), "{notice}");
+    reader.close().await;
+    let before = app.rss_bytes();
+    let (peak, (slowest, _hostile)) = peak_rss_during(&app, async {
+        let mut hostile = Vec::new();
+        for _ in 0..30 {
+            hostile.push(app.connect(&since).await); // Welcomed, then never read again.
+        }
+        (slowest_round_trip(&app).await, hostile)
+    })
+    .await;
+    println!("RSS {:.1} MiB before, peak {:.1} MiB; slowest round trip {slowest:?}", mib(before), mib(peak));
+    assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
+    assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
+}

@@ -17,7 +17,7 @@ use std::{collections::VecDeque, time::Duration};
 
 use tokio::sync::watch;
 
-use super::{History, NewEntry, Start};
+use super::{History, Older, Start};
 use crate::bus::{Ack, Event, Frame, Live};
 
 /// How long a session's first live message may wait for the window to catch up with it. Past
@@ -32,12 +32,13 @@ impl History {
     /// window what the session missed while its queue was gone.
     pub fn follow(&self, live: Live) -> Resume {
         let next = *self.0.next_seq.borrow();
-        let mut resume = self.resume(Start { seq: next, gap: None }, Vec::new(), live);
+        let mut resume = self.resume(Start { seq: next, gap: None }, Older::default(), live);
         resume.phase = Phase::Live;
         resume
     }
 
-    pub fn resume(&self, start: Start, older: Vec<NewEntry>, live: Live) -> Resume {
+    pub fn resume(&self, start: Start, older: Older, live: Live) -> Resume {
+        let Older { entries: older, budget: older_budget } = older;
         let notice = start.gap.map(|reason| {
             let from = older
                 .first()
@@ -49,6 +50,7 @@ impl History {
             history: self.clone(),
             changes: self.0.next_seq.subscribe(),
             older: older.into_iter().map(|e| e.frame).collect(),
+            older_budget,
             cursor: start.seq,
             start_seq: start.seq,
             last_key: None,
@@ -70,6 +72,8 @@ pub struct Resume {
     changes: watch::Receiver<u64>,
     /// Sent before the window: what the session missed from before the window.
     older: VecDeque<Frame>,
+    /// The share of the replay budget `older` holds; given back once `older` is sent.
+    older_budget: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The next window entry to send.
     cursor: u64,
     /// Where this session's window part started: the catch-up point if it never got a message.
@@ -155,6 +159,7 @@ impl Resume {
         if let Some(frame) = self.older.pop_front() {
             return Some(Event::Message(frame, None));
         }
+        self.older_budget = None;
         loop {
             match &mut self.phase {
                 Phase::Live => return self.live.next().await,

@@ -5,13 +5,23 @@
 use std::time::Duration;
 
 use super::{RabbitBus, stream};
-use crate::bus::{BusError, Frame, history, keep_newest_within};
+use crate::bus::{
+    BusError, Frame,
+    history::{self, Older},
+    keep_newest_within,
+};
 
 /// How long a request for history waits for the window to be filled at start-up, before it is
 /// answered 503.
 pub const HISTORY_FILL_WAIT: Duration = Duration::from_secs(5);
 /// Reads of the history stream on demand that may run at once, per process.
 pub(super) const STREAM_READS: usize = 8;
+/// Most bytes of messages from before the window that one resuming session is sent (the
+/// newest of them; a gap notice says more were missed).
+pub(super) const REPLAY_MAX_BYTES: usize = 256 * 1024;
+const REPLAY_MAX_KIB: u32 = (REPLAY_MAX_BYTES / 1024) as u32;
+/// The process-wide budget of such replays not yet sent, in KiB (32 MiB: 128 sessions at once).
+pub(super) const REPLAY_BUDGET_KIB: usize = 32 * 1024;
 /// How long a read of the stream waits for its turn before it is answered 503.
 const STREAM_READ_WAIT: Duration = Duration::from_secs(2);
 
@@ -70,7 +80,7 @@ impl RabbitBus {
             let stream = &self.0.config.history.name;
             let wanted = limit - newer.len();
             let budget = max_bytes - newer_bytes;
-            let (older, older_more) = stream::read_before(
+            let (older, older_exist, left_out) = stream::read_before(
                 &link.connections[1],
                 stream,
                 self.0.max_frame_bytes,
@@ -80,7 +90,7 @@ impl RabbitBus {
             )
             .await
             .map_err(BusError::Broker)?;
-            more = older_more;
+            more = older_exist || left_out;
             frames.extend(older.into_iter().map(|e| e.frame));
         }
         frames.extend(newer.into_iter().map(|e| e.frame));
@@ -110,40 +120,49 @@ impl RabbitBus {
     /// after it up to the window, read from the stream (at most a window's worth: a browser
     /// away for longer gets the newest part, and a gap notice), and where the window part
     /// starts. The start as it was when the stream cannot help.
-    pub async fn replay_before_window(
-        &self,
-        since: &str,
-        start: history::Start,
-    ) -> (Vec<history::NewEntry>, history::Start) {
+    ///
+    /// At most [`REPLAY_MAX_BYTES`] of them (the newest), and only while the process's replay
+    /// budget has room: what a session has not yet been sent is held in memory.
+    pub async fn replay_before_window(&self, since: &str, start: history::Start) -> (Older, history::Start) {
         let history = &self.0.history;
-        let Some(window_start) = history.oldest().and_then(|e| e.offset) else { return (Vec::new(), start) };
-        let Ok(link) = self.current_link() else { return (Vec::new(), start) };
+        let none = || Older::default();
+        let Some(window_start) = history.oldest().and_then(|e| e.offset) else { return (none(), start) };
+        let Ok(link) = self.current_link() else { return (none(), start) };
+        let Ok(mut budget) = self.0.replay_budget.clone().try_acquire_many_owned(REPLAY_MAX_KIB) else {
+            tracing::debug!("the replay budget is spent; a resuming session replays the window only");
+            return (none(), start);
+        };
         let Ok(_reading) = self.stream_read().await else {
             tracing::warn!("too many history reads at once; a resuming session replays the window only");
-            return (Vec::new(), start);
+            return (none(), start);
         };
         let stream = &self.0.config.history.name;
         let max = self.0.max_frame_bytes;
         let located = match stream::locate(&link.connections[1], stream, max, since, window_start).await {
             Ok(Some(offset)) if offset < window_start => offset,
-            Ok(_) => return (Vec::new(), start),
+            Ok(_) => return (none(), start),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the history stream for a resuming session");
-                return (Vec::new(), start);
+                return (none(), start);
             }
         };
         let missed = window_start - located - 1;
         let wanted = usize::try_from(missed).unwrap_or(usize::MAX).min(history.capacity());
-        match stream::read_before(&link.connections[1], stream, max, window_start, wanted, usize::MAX).await {
-            Ok((older, _)) => {
-                let gap = (missed > wanted as u64).then_some(
+        match stream::read_before(&link.connections[1], stream, max, window_start, wanted, REPLAY_MAX_BYTES)
+            .await
+        {
+            Ok((entries, _, left_out)) => {
+                let gap = (missed > wanted as u64 || left_out).then_some(
                     "more messages were missed than are replayed; replay starts with the most recent of them",
                 );
-                (older, history::Start { seq: start.seq, gap })
+                let held_kib: usize =
+                    entries.iter().map(|e| e.frame.text().len()).sum::<usize>().div_ceil(1024);
+                drop(budget.split((REPLAY_MAX_KIB as usize).saturating_sub(held_kib)));
+                (Older { entries, budget: Some(budget) }, history::Start { seq: start.seq, gap })
             }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the history stream for a resuming session");
-                (Vec::new(), start)
+                (none(), start)
             }
         }
     }

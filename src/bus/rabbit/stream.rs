@@ -195,8 +195,9 @@ async fn find_tail(connection: &Connection, publisher: &Channel, stream: &str) -
 }
 
 /// Reads up to `limit` messages before `before` (an offset), at most `budget` bytes of them (the
-/// newest), oldest first, and whether older ones may exist. Held in memory: never more than the
-/// budget and one message.
+/// newest), oldest first; and whether older ones may exist in the stream, and whether some of
+/// those read were left out for the budget. Held in memory: never more than the budget and one
+/// message.
 pub(super) async fn read_before(
     connection: &Connection,
     stream: &str,
@@ -204,9 +205,9 @@ pub(super) async fn read_before(
     before: u64,
     limit: usize,
     budget: usize,
-) -> Result<(Vec<NewEntry>, bool), String> {
+) -> Result<(Vec<NewEntry>, bool, bool), String> {
     if before == 0 || limit == 0 {
-        return Ok((Vec::new(), false));
+        return Ok((Vec::new(), false, false));
     }
     let start = before.saturating_sub(limit as u64);
     let read = async {
@@ -241,7 +242,7 @@ pub(super) async fn read_before(
         let _ = channel.close(200, "OK".into()).await;
         // Retention may have removed what came before `start`: then the broker starts later.
         let older_exist = start > 0 && first_seen == Some(start);
-        Ok::<_, lapin::Error>((Vec::from(entries), older_exist || dropped))
+        Ok::<_, lapin::Error>((Vec::from(entries), older_exist, dropped))
     };
     match tokio::time::timeout(READ_TIMEOUT, read).await {
         Ok(result) => result.map_err(|e| format!("reading the history stream: {e}")),
