@@ -13,6 +13,7 @@ use std::{
     time::Duration,
 };
 
+use axum::serve::ListenerExt;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -22,9 +23,13 @@ use crate::{
     http,
     limits::Limits,
     metrics::Metrics,
-    state::{AppState, PAGE_BUDGET_KIB},
+    state::{AppState, PAGE_BUDGET_KIB, stalled_session_places},
     telemetry::Throttle,
 };
+
+/// Kernel send buffer of each accepted connection, in bytes (Linux doubles it for its own
+/// bookkeeping). A burst of chat frames fits many times over.
+const SOCKET_SEND_BUFFER: usize = 64 * 1024;
 
 /// A bound, not yet serving, application.
 pub struct Application {
@@ -55,6 +60,7 @@ impl Application {
         }
         let bus = Bus::start(&config, metrics.clone(), bus_shutdown.clone());
         let limits = Limits::new(&config.limits);
+        let stalled = Arc::new(Semaphore::new(stalled_session_places(&config)));
         let state = AppState {
             limits,
             asset_version: format!("{}-{}", env!("CARGO_PKG_VERSION"), std::process::id()).into(),
@@ -66,6 +72,7 @@ impl Application {
             sessions: TaskTracker::new(),
             origin_log: Arc::new(Throttle::new(Duration::from_secs(60))),
             page_budget: Arc::new(Semaphore::new(PAGE_BUDGET_KIB)),
+            stalled,
         };
         Ok(Self { listener, state, bus_shutdown })
     }
@@ -95,6 +102,14 @@ impl Application {
         });
 
         let router = http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
+        // A small kernel send buffer per connection: a browser that stops reading then holds
+        // little in the kernel (whose socket memory counts against the pod's limit too), and
+        // the process stops writing to it early instead of pushing megabytes into its socket.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(SOCKET_SEND_BUFFER) {
+                tracing::debug!(error = %e, "cannot set the socket's send buffer");
+            }
+        });
         let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
         tokio::select! {

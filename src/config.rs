@@ -94,6 +94,11 @@ pub struct WsConfig {
     /// `NOTIFIER_WS_WRITE_BUFFER_BYTES` (default `65536`): the most a session may have buffered
     /// for its socket; past that the frame is refused instead of growing memory.
     pub max_write_buffer: usize,
+    /// `NOTIFIER_WS_STALLED_BYTES` (default `67108864`, 64 MiB): what the sessions whose
+    /// browser stopped reading may hold in the process, together. A session is stalled once its
+    /// socket has taken nothing for a few seconds; past this budget it is closed at once (1013,
+    /// and the page resumes with `since`) instead of at the send timeout.
+    pub stalled_bytes: usize,
 }
 
 /// Stopping: first drain, then close.
@@ -264,6 +269,13 @@ impl WsConfig {
                 64 * 1024,
                 1024,
                 1 << 26,
+            )?,
+            stalled_bytes: ranged(
+                "NOTIFIER_WS_STALLED_BYTES",
+                env.notifier_ws_stalled_bytes.take(),
+                64 << 20,
+                64 << 10,
+                1 << 40,
             )?,
         })
     }

@@ -39,6 +39,21 @@ pub struct AppState {
     /// Bytes (in KiB) of history pages being sent at once, over every request: a client that
     /// asks for pages and never reads them holds its share, not the process's memory.
     pub page_budget: Arc<Semaphore>,
+    /// Places for sessions whose browser stopped reading, each worth what such a session can
+    /// hold (see [`stalled_session_places`]); a session that finds none is closed.
+    pub stalled: Arc<Semaphore>,
+}
+
+/// How long a session's socket may take nothing before the session counts as stalled.
+pub const STALL_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How many stalled sessions fit in `NOTIFIER_WS_STALLED_BYTES`: a stalled session holds at most
+/// its consumer's prefetch of the largest frames, and its capped write buffer.
+pub fn stalled_session_places(config: &Config) -> usize {
+    let prefetch = config.rabbitmq.as_ref().map_or(0, |r| usize::from(r.prefetch));
+    let write_buffer = config.ws.max_write_buffer.max(config.max_frame_bytes() * 2);
+    let per_session = prefetch * config.max_frame_bytes() + write_buffer;
+    (config.ws.stalled_bytes / per_session).max(1)
 }
 
 /// The process-wide budget of history pages in flight, in KiB (32 MiB: 32 full pages, or

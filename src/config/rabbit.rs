@@ -26,8 +26,9 @@ pub struct RabbitConfig {
     /// `NOTIFIER_QUEUE_MAX_LENGTH` (default `1000`): `x-max-length` of each session queue; the
     /// oldest ready message is dropped first, so a stalled browser cannot fill the broker.
     pub queue_max_length: i32,
-    /// `NOTIFIER_PREFETCH` (default `64`): unacknowledged deliveries per session consumer. This
-    /// is also the bound on lapin's in-process buffer for the session.
+    /// `NOTIFIER_PREFETCH` (default `8`): unacknowledged deliveries per session consumer. This
+    /// is also the bound on lapin's in-process buffer for the session: a browser that stops
+    /// reading holds up to this many messages in the process (8 × a 25 KB frame at most).
     pub prefetch: u16,
     /// `NOTIFIER_SESSIONS_PER_CHANNEL` (default `32`): consumers sharing one AMQP channel.
     pub sessions_per_channel: usize,
@@ -103,7 +104,7 @@ impl RabbitConfig {
                 1,
                 i32::MAX,
             )?,
-            prefetch: positive("NOTIFIER_PREFETCH", env.notifier_prefetch.take(), 64)?,
+            prefetch: positive("NOTIFIER_PREFETCH", env.notifier_prefetch.take(), 8)?,
             sessions_per_channel: ranged(
                 "NOTIFIER_SESSIONS_PER_CHANNEL",
                 env.notifier_sessions_per_channel.take(),

@@ -30,7 +30,7 @@ use crate::{
     bus::{Ack, Event, Subscription},
     chat::{Draft, Envelope, is_from_the_future, ts_from_millis},
     limits::SessionPermit,
-    state::AppState,
+    state::{AppState, STALL_GRACE},
 };
 
 /// `GET /ws?since=<id>`: the id of the last message this browser showed, to get what it
@@ -316,41 +316,74 @@ impl Session {
     }
 
     /// Queues one frame in the socket's write buffer (written out when the buffer is full or
-    /// flushed), giving up on a browser that has not taken it within the timeout, or when the
-    /// server shuts down meanwhile.
+    /// flushed); see [`Session::wait_for_socket`].
     async fn feed(&mut self, message: Message) -> Result<(), End> {
-        let timeout = self.state.config.ws.send_timeout;
-        let fed = tokio::select! {
-            fed = tokio::time::timeout(timeout, self.socket.feed(message)) => fed,
-            () = self.state.shutdown.cancelled() => return Err(End::Close(close_code::AWAY, "server shutting down")),
-        };
-        self.outcome(fed)
+        let state = self.state.clone();
+        let written = wait_for_socket(&state, self.socket.feed(message)).await;
+        self.outcome(written)
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        let timeout = self.state.config.ws.send_timeout;
-        let flushed = tokio::select! {
-            flushed = tokio::time::timeout(timeout, self.socket.flush()) => flushed,
-            () = self.state.shutdown.cancelled() => return Err(End::Close(close_code::AWAY, "server shutting down")),
-        };
-        self.outcome(flushed)
+        let state = self.state.clone();
+        let written = wait_for_socket(&state, self.socket.flush()).await;
+        self.outcome(written)
     }
 
-    fn outcome(
-        &self,
-        result: Result<Result<(), axum::Error>, tokio::time::error::Elapsed>,
-    ) -> Result<(), End> {
-        match result {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => {
+    fn outcome(&self, written: Written) -> Result<(), End> {
+        match written {
+            Written::Done(Ok(())) => Ok(()),
+            Written::Done(Err(e)) => {
                 tracing::debug!(error = %e, "WebSocket write failed");
                 Err(End::Gone)
             }
-            Err(_) => {
+            Written::ShuttingDown => Err(End::Close(close_code::AWAY, "server shutting down")),
+            Written::TimedOut => {
                 self.state.metrics.slow_sessions_closed.fetch_add(1, Relaxed);
                 tracing::warn!("browser stopped reading; closing the session");
                 Err(End::Close(close_code::AGAIN, "too slow: the browser stopped reading"))
             }
+            Written::NoRoom => {
+                self.state.metrics.slow_sessions_closed.fetch_add(1, Relaxed);
+                tracing::warn!("browser stopped reading and the stalled sessions' budget is spent; closing");
+                Err(End::Close(close_code::AGAIN, "too slow: the browser stopped reading"))
+            }
         }
+    }
+}
+
+/// How a wait for the socket ended.
+enum Written {
+    Done(Result<(), axum::Error>),
+    /// Nothing taken within the send timeout.
+    TimedOut,
+    /// Stalled, and no stalled-session place left in the process.
+    NoRoom,
+    ShuttingDown,
+}
+
+/// Waits for the socket to take a write. A socket that takes nothing for [`STALL_GRACE`] makes
+/// its session a stalled one, which holds one of the process's stalled-session places until
+/// the write goes through: with none left, it ends at once ([`Written::NoRoom`]), so the
+/// memory that browsers which stopped reading hold stays within the budget. Otherwise it waits
+/// up to the send timeout.
+async fn wait_for_socket(state: &AppState, write: impl Future<Output = Result<(), axum::Error>>) -> Written {
+    let mut write = std::pin::pin!(write);
+    let until = Instant::now() + state.config.ws.send_timeout;
+    let grace = state.config.ws.send_timeout.min(STALL_GRACE);
+    tokio::select! {
+        written = tokio::time::timeout(grace, &mut write) => match written {
+            Ok(result) => return Written::Done(result),
+            Err(_) if grace >= state.config.ws.send_timeout => return Written::TimedOut,
+            Err(_) => {}
+        },
+        () = state.shutdown.cancelled() => return Written::ShuttingDown,
+    }
+    let Ok(_place) = state.stalled.try_acquire() else { return Written::NoRoom };
+    tokio::select! {
+        written = tokio::time::timeout_at(until.into(), write) => match written {
+            Ok(result) => Written::Done(result),
+            Err(_) => Written::TimedOut,
+        },
+        () = state.shutdown.cancelled() => Written::ShuttingDown,
     }
 }

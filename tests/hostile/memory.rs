@@ -23,6 +23,10 @@ const ROUND_TRIP_BOUND: Duration = Duration::from_millis(100);
 /// The most bytes of messages one page of history holds (the README's "Limits and abuse").
 const PAGE_MAX_BYTES: usize = 1 << 20;
 
+/// One of these tests at a time: each loads both cores, and the round trips they time would
+/// measure each other.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The seeding posts fast from one address; the tests are about memory, not rates.
 const SEEDING: [(&str, &str); 1] = [("NOTIFIER_MESSAGES_PER_CLIENT", "1000000")];
 
@@ -43,6 +47,7 @@ fn mib(bytes: u64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_of_history_is_at_most_a_mebibyte_and_the_next_one_carries_on_where_it_stopped() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let app = AppProcess::start(&SEEDING).await;
     // One at a time: the order of the history is the order posted.
     let posted = seed_heavy(&app, 120, 1).await;
@@ -77,6 +82,7 @@ async fn a_page_of_history_is_at_most_a_mebibyte_and_the_next_one_carries_on_whe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_clients_asking_for_big_pages_and_never_reading_them_do_not_pin_memory() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let app = AppProcess::start(&SEEDING).await;
     seed_heavy(&app, 500, 8).await;
     let before = app.rss_bytes();
@@ -106,6 +112,7 @@ async fn forty_clients_asking_for_big_pages_and_never_reading_them_do_not_pin_me
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_sessions_resuming_from_before_the_window_and_never_reading_do_not_pin_memory() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let app = AppProcess::start(&SEEDING).await;
     // The window keeps 1,000 (the default): 500 more are in the stream only.
     let posted = seed_heavy(&app, 1500, 8).await;
@@ -131,4 +138,60 @@ async fn thirty_sessions_resuming_from_before_the_window_and_never_reading_do_no
     println!("RSS {:.1} MiB before, peak {:.1} MiB; slowest round trip {slowest:?}", mib(before), mib(peak));
     assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
     assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_stalled_sessions_under_a_flood_of_large_messages_do_not_pin_memory() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let app = AppProcess::start(&SEEDING).await;
+    let mut stalled = Vec::new();
+    for _ in 0..200 {
+        stalled.push(app.connect("/ws").await); // Welcomed, then never read again.
+    }
+    let before = app.rss_bytes();
+    let (peak, slowest) = peak_rss_during(&app, async {
+        seed_heavy(&app, 200, 8).await;
+        slowest_round_trip(&app).await
+    })
+    .await;
+    println!("RSS {:.1} MiB before, peak {:.1} MiB; slowest round trip {slowest:?}", mib(before), mib(peak));
+    assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
+    assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_stalled_sessions_budget_a_session_that_stopped_reading_is_closed_at_once() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    // Room for three stalled sessions (8 × 25 KB frames and a 64 KiB buffer each).
+    let env = [SEEDING[0], ("NOTIFIER_WS_STALLED_BYTES", "1048576")];
+    let app = AppProcess::start(&env).await;
+    let mut reader = app.connect("/ws").await;
+    let mut stalled = Vec::new();
+    for _ in 0..10 {
+        stalled.push(app.connect("/ws").await); // Welcomed, then never read again.
+    }
+    // More than the sockets' kernel buffers take, so each of the ten stalls.
+    let flood = async {
+        seed_heavy(&app, 500, 8).await;
+    };
+    let read = async {
+        for _ in 0..500 {
+            reader.next_message().await;
+        }
+    };
+    within("the flood, read by the reading session", async { tokio::join!(flood, read) }).await;
+    within("seven of the stalled sessions to be closed", async {
+        while app.metric("fanout_chat_slow_sessions_closed_total").await < 7.0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        app.metric("fanout_chat_slow_sessions_closed_total").await,
+        7.0,
+        "the three with a place wait"
+    );
+    assert!(app.round_trip(&mut reader).await < ROUND_TRIP_BOUND, "the reading session is served");
+    drop(stalled);
 }
