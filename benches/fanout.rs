@@ -863,6 +863,8 @@ impl Server {
             .env("NOTIFIER_MESSAGES_PER_CLIENT", "1000000")
             .env("NOTIFIER_MESSAGES_GLOBAL", "1000000")
             .env("NOTIFIER_MAX_SESSIONS_PER_CLIENT", "1000000")
+            .env("NOTIFIER_SESSIONS_OPENED_PER_CLIENT", "1000000")
+            .env("NOTIFIER_HISTORY_PER_CLIENT", "1000000")
             .env("NOTIFIER_MAX_SESSIONS", "1000000")
             .env("NOTIFIER_FANOUT_MODE", mode.name())
             .stdin(Stdio::null())

@@ -6,14 +6,13 @@
 //! (`NOTIFIER_SHUTDOWN_TIMEOUT_SECS`), and closing the broker connections takes at most 2 s more.
 
 use std::{
-    future::{Future, IntoFuture},
+    future::Future,
     io,
     net::{Ipv4Addr, SocketAddr},
     sync::Arc,
     time::Duration,
 };
 
-use axum::serve::ListenerExt;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
@@ -23,13 +22,10 @@ use crate::{
     http,
     limits::Limits,
     metrics::Metrics,
+    serve,
     state::{AppState, PAGE_BUDGET_KIB, stalled_session_places},
     telemetry::Throttle,
 };
-
-/// Kernel send buffer of each accepted connection, in bytes (Linux doubles it for its own
-/// bookkeeping). A burst of chat frames fits many times over.
-const SOCKET_SEND_BUFFER: usize = 64 * 1024;
 
 /// A bound, not yet serving, application.
 pub struct Application {
@@ -101,26 +97,17 @@ impl Application {
             stopping.cancel();
         });
 
-        let router = http::router(state).into_make_service_with_connect_info::<std::net::SocketAddr>();
-        // A small kernel send buffer per connection: a browser that stops reading then holds
-        // little in the kernel (whose socket memory counts against the pod's limit too), and
-        // the process stops writing to it early instead of pushing megabytes into its socket.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = socket2::SockRef::from(&*tcp).set_send_buffer_size(SOCKET_SEND_BUFFER) {
-                tracing::debug!(error = %e, "cannot set the socket's send buffer");
-            }
-        });
-        let server = axum::serve(listener, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-        let mut server = tokio::spawn(server.into_future());
+        let server = serve::serve(listener, http::router(state), shutdown.clone());
+        let mut server = tokio::spawn(server);
         tokio::select! {
-            result = &mut server => return result.map_err(io::Error::other)?,
+            result = &mut server => return result.map_err(io::Error::other),
             () = shutdown.cancelled() => {}
         }
         // One deadline, from the stop signal, for open HTTP requests (a publish waiting for its
         // confirm) and sessions together.
         let deadline = tokio::time::Instant::now() + grace;
         match tokio::time::timeout_at(deadline, &mut server).await {
-            Ok(result) => result.map_err(io::Error::other)??,
+            Ok(result) => result.map_err(io::Error::other)?,
             Err(_) => {
                 tracing::warn!("HTTP connections still open at the shutdown deadline; closing them");
                 server.abort();

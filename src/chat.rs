@@ -225,6 +225,38 @@ pub enum InvalidMessage {
     TooLong { actual: usize, limit: usize },
     #[error("the user name is {actual} bytes; the limit is {MAX_USER_BYTES} bytes")]
     UserTooLong { actual: usize },
+    #[error(
+        "the message text contains the control character U+{code:04X}; only line breaks (\\n, \\r\\n) and tabs are allowed"
+    )]
+    ControlInText { code: u32 },
+    #[error("the user name contains the control character U+{code:04X}; a name is one line of text")]
+    ControlInUser { code: u32 },
+    #[error(
+        "the user name contains the bidirectional formatting character U+{code:04X}, which can disguise a name; send the name without it"
+    )]
+    BidiInUser { code: u32 },
+}
+
+/// Unicode's explicit bidirectional embeddings, overrides and isolates: in a name they can make
+/// it read as another, or reverse what follows it.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{200E}' | '\u{200F}' | '\u{061C}')
+}
+
+/// The first control character of `text` other than a tab, a line feed, or a carriage return
+/// followed by a line feed (what a form sends for a line break). NUL, ESC and the like reach
+/// other consumers of the exchange raw, where a terminal or a log would act on them.
+fn forbidden_control_in_text(text: &str) -> Option<char> {
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\t' | '\n' => {}
+            '\r' if chars.peek() == Some(&'\n') => {}
+            c if c.is_control() => return Some(c),
+            _ => {}
+        }
+    }
+    None
 }
 
 impl Draft {
@@ -238,11 +270,20 @@ impl Draft {
         if text.len() > max_text_bytes {
             return Err(InvalidMessage::TooLong { actual: text.len(), limit: max_text_bytes });
         }
+        if let Some(c) = forbidden_control_in_text(&text) {
+            return Err(InvalidMessage::ControlInText { code: u32::from(c) });
+        }
         let user = self.user.map(|u| u.trim().to_owned()).filter(|u| !u.is_empty());
-        if let Some(u) = &user
-            && u.len() > MAX_USER_BYTES
-        {
-            return Err(InvalidMessage::UserTooLong { actual: u.len() });
+        if let Some(u) = &user {
+            if u.len() > MAX_USER_BYTES {
+                return Err(InvalidMessage::UserTooLong { actual: u.len() });
+            }
+            if let Some(c) = u.chars().find(|c| c.is_control()) {
+                return Err(InvalidMessage::ControlInUser { code: u32::from(c) });
+            }
+            if let Some(c) = u.chars().find(|&c| is_bidi_control(c)) {
+                return Err(InvalidMessage::BidiInUser { code: u32::from(c) });
+            }
         }
         Ok(NewMessage { text, user })
     }
@@ -281,6 +322,24 @@ mod tests {
             Draft { text: Some("  <b>hi</b>\n".into()), user: Some("  ada ".into()) }.validate(100).unwrap();
         let e = Envelope::new(m);
         assert_eq!((e.text.as_str(), e.user.as_deref()), ("  <b>hi</b>\n", Some("ada")));
+    }
+
+    #[test]
+    fn control_characters_other_than_line_breaks_and_tabs_are_refused_with_their_code() {
+        assert!(draft("two\nlines\r\nand\ta tab").validate(100).is_ok(), "line breaks and tabs are text");
+        for (text, code) in
+            [("a\u{0}b", 0x0), ("\u{1b}[31mred", 0x1b), ("lone\rreturn", 0xd), ("\u{7f}", 0x7f)]
+        {
+            let err = draft(text).validate(100).unwrap_err();
+            assert_eq!(err, InvalidMessage::ControlInText { code }, "{text:?}");
+            assert!(err.to_string().contains(&format!("U+{code:04X}")), "{err}");
+        }
+        let named = |user: &str| Draft { text: Some("hi".into()), user: Some(user.into()) }.validate(100);
+        assert_eq!(named("ada\nbob"), Err(InvalidMessage::ControlInUser { code: 0xa }));
+        assert_eq!(named("admin\u{202E}nimda"), Err(InvalidMessage::BidiInUser { code: 0x202E }));
+        assert_eq!(named("\u{2067}x"), Err(InvalidMessage::BidiInUser { code: 0x2067 }));
+        assert!(named("علي").is_ok(), "right-to-left names are names");
+        assert!(draft("مرحبا \u{2067}hello\u{2069}").validate(100).is_ok(), "isolates are fine in text");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::time::Duration;
 pub use access::{AllowedOrigins, ApiKeys};
 pub use rabbit::{FanoutMode, RabbitConfig, StreamConfig};
 pub use vars::{ConfigError, Secret};
-use vars::{Env, parse, ranged, secs};
+use vars::{Env, boolean, parse, ranged, secs};
 
 /// Everything the process needs to know, parsed and validated.
 #[derive(Clone, Debug)]
@@ -34,6 +34,13 @@ pub struct Config {
     pub replica: String,
     /// `LOG_FORMAT` (default `text`): `json` for one JSON object per line.
     pub log_format: LogFormat,
+    /// `NOTIFIER_READYZ_DETAIL` (default `false`): `/readyz` also says why the broker is not
+    /// available (its address, its refusal). Off, that is only in the log: the route may be
+    /// reachable by more than the kubelet. Turn it on where only operators can reach it.
+    pub readyz_detail: bool,
+    /// `RUST_LOG` (default `info,lapin=warn`): which log lines are written; lapin's IO loop is
+    /// never logged below debug (see [`crate::telemetry::filter`]).
+    pub log_filter: Option<String>,
     /// `NOTIFIER_RABBITMQ_HOST` and friends. `None` selects the embedded in-process bus.
     pub rabbitmq: Option<RabbitConfig>,
     /// What a message may be, and how many a slow session may fall behind on.
@@ -133,7 +140,21 @@ pub struct LimitsConfig {
     /// `NOTIFIER_CLIENT_IP_HEADER` (unset): a header set by a trusted proxy that carries the
     /// client address (e.g. `x-forwarded-for`; its last address is used). Unset: the peer.
     pub client_ip_header: Option<String>,
+    /// `NOTIFIER_TRUSTED_PROXIES` (default: the private, shared and loopback ranges, where a
+    /// cluster's gateway is and an internet client never is): the peers whose
+    /// `NOTIFIER_CLIENT_IP_HEADER` is believed. From any other peer the header is ignored.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `NOTIFIER_HISTORY_PER_CLIENT` (default `10`, burst 100): `GET /messages` per second
+    /// per client address.
+    pub history_per_client: u32,
+    /// `NOTIFIER_SESSIONS_OPENED_PER_CLIENT` (default `30`, burst 300): WebSocket sessions a
+    /// client address may open per second; each is a queue declared and deleted on the broker.
+    pub sessions_opened_per_client: u32,
 }
+
+/// The default of `NOTIFIER_TRUSTED_PROXIES`.
+const PRIVATE_RANGES: &str =
+    "10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,127.0.0.0/8,::1/128,fc00::/7";
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -174,6 +195,8 @@ impl Config {
             },
             replica: replica_name(env.hostname.take()),
             log_format: log_format(env.log_format.take())?,
+            log_filter: env.rust_log.take().filter(|f| !f.trim().is_empty()),
+            readyz_detail: boolean("NOTIFIER_READYZ_DETAIL", env.notifier_readyz_detail.take())?,
         })
     }
 
@@ -345,8 +368,43 @@ impl LimitsConfig {
                 .take()
                 .map(|h| h.trim().to_ascii_lowercase())
                 .filter(|h| !h.is_empty()),
+            trusted_proxies: cidr_list(
+                "NOTIFIER_TRUSTED_PROXIES",
+                env.notifier_trusted_proxies.take().as_deref().unwrap_or(PRIVATE_RANGES),
+            )?,
+            history_per_client: ranged(
+                "NOTIFIER_HISTORY_PER_CLIENT",
+                env.notifier_history_per_client.take(),
+                10,
+                1,
+                1_000_000,
+            )?,
+            sessions_opened_per_client: ranged(
+                "NOTIFIER_SESSIONS_OPENED_PER_CLIENT",
+                env.notifier_sessions_opened_per_client.take(),
+                30,
+                1,
+                1_000_000,
+            )?,
         })
     }
+}
+
+/// A comma list of networks (`10.0.0.0/8`) or single addresses (`10.1.2.3`); empty: none.
+fn cidr_list(name: &str, raw: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError(format!(
+                        "{name}={raw:?}: {item:?} is not an address or a network; expected a comma list such as 10.0.0.0/8,fd00::/8"
+                    ))
+                })
+        })
+        .collect()
 }
 
 fn log_format(raw: Option<String>) -> Result<LogFormat, ConfigError> {

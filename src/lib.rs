@@ -6,6 +6,7 @@
 //! - [`state`]: [`state::AppState`], what every handler shares (below both `app` and `http`).
 //! - [`http`]: the routes (page, `POST /messages`, `/ws`, probes, metrics) and their layers.
 //! - [`app`]: building, serving and shutting down the whole.
+//! - [`serve`]: HTTP on each accepted connection, with header and idle timeouts.
 //! - [`limits`]: message rates and session counts, per client and global (429s).
 //! - [`metrics`]: the figures exported at `/metrics`.
 //! - [`telemetry`]: log set-up (human text or JSON lines).
@@ -17,6 +18,7 @@ pub mod config;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod serve;
 pub mod state;
 pub mod telemetry;
 

@@ -35,6 +35,10 @@ pub enum Limited {
     GlobalRate(Duration),
     #[error("too many open sessions from your address")]
     ClientSessions,
+    #[error("too many sessions opened from your address in a short time; wait a moment")]
+    ClientSessionRate(Duration),
+    #[error("too many requests for history from your address; slow down")]
+    ClientHistoryRate(Duration),
     #[error("the server holds as many sessions as it can; try again shortly")]
     GlobalSessions,
 }
@@ -43,9 +47,11 @@ impl Limited {
     /// Whole seconds to wait, at least 1: the value of `Retry-After`.
     pub fn retry_after_secs(&self) -> u64 {
         match self {
-            Self::ClientRate(wait) | Self::KeyRate(wait) | Self::GlobalRate(wait) => {
-                wait.as_secs_f64().ceil().max(1.0) as u64
-            }
+            Self::ClientRate(wait)
+            | Self::KeyRate(wait)
+            | Self::GlobalRate(wait)
+            | Self::ClientSessionRate(wait)
+            | Self::ClientHistoryRate(wait) => wait.as_secs_f64().ceil().max(1.0) as u64,
             Self::ClientSessions | Self::GlobalSessions => 5,
         }
     }
@@ -55,6 +61,10 @@ pub struct Limits {
     per_client: DefaultKeyedRateLimiter<IpAddr>,
     /// Per service key name; only configured names get here, so it stays small.
     per_key: DefaultKeyedRateLimiter<Arc<str>>,
+    /// `GET /messages` per client address.
+    history_per_client: DefaultKeyedRateLimiter<IpAddr>,
+    /// Sessions opened per client address: each is a queue declared and deleted on the broker.
+    opened_per_client: DefaultKeyedRateLimiter<IpAddr>,
     global: DefaultDirectRateLimiter,
     checks: AtomicU64,
     sessions: Mutex<Sessions>,
@@ -72,9 +82,18 @@ impl Limits {
     pub fn new(config: &LimitsConfig) -> Arc<Self> {
         let quota =
             |per_second: u32| Quota::per_second(NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN));
+        // A rate with a burst of `times` seconds' worth: a page load, an office opening its
+        // tabs after a restart, then a few a second.
+        let burst = |per_second: u32, times: u32| {
+            let rate = NonZeroU32::new(per_second).unwrap_or(NonZeroU32::MIN);
+            let size = NonZeroU32::new(per_second.saturating_mul(times)).unwrap_or(rate);
+            Quota::per_second(rate).allow_burst(size)
+        };
         Arc::new(Self {
             per_client: RateLimiter::keyed(quota(config.messages_per_client)),
             per_key: RateLimiter::keyed(quota(config.messages_per_key)),
+            history_per_client: RateLimiter::keyed(burst(config.history_per_client, 10)),
+            opened_per_client: RateLimiter::keyed(burst(config.sessions_opened_per_client, 10)),
             global: RateLimiter::direct(quota(config.messages_global)),
             checks: AtomicU64::new(0),
             sessions: Mutex::new(Sessions::default()),
@@ -85,9 +104,7 @@ impl Limits {
 
     /// Takes one message from the client's and the global budget.
     pub fn check_message(&self, client: IpAddr) -> Result<(), Limited> {
-        if self.checks.fetch_add(1, Relaxed).is_multiple_of(RETAIN_EVERY) {
-            self.per_client.retain_recent();
-        }
+        self.tidy();
         let now = DefaultClock::default().now();
         self.per_client.check_key(&client).map_err(|n| Limited::ClientRate(n.wait_time_from(now)))?;
         self.global.check().map_err(|n| Limited::GlobalRate(n.wait_time_from(now)))
@@ -99,6 +116,24 @@ impl Limits {
     pub fn check_key_message(&self, key: &Arc<str>) -> Result<(), Limited> {
         let now = DefaultClock::default().now();
         self.per_key.check_key(key).map_err(|n| Limited::KeyRate(n.wait_time_from(now)))
+    }
+
+    /// Takes one `GET /messages` from the client's budget.
+    pub fn check_history(&self, client: IpAddr) -> Result<(), Limited> {
+        self.tidy();
+        let now = DefaultClock::default().now();
+        self.history_per_client
+            .check_key(&client)
+            .map_err(|n| Limited::ClientHistoryRate(n.wait_time_from(now)))
+    }
+
+    /// Forgets idle clients now and then, keeping the per-client tables small.
+    fn tidy(&self) {
+        if self.checks.fetch_add(1, Relaxed).is_multiple_of(RETAIN_EVERY) {
+            self.per_client.retain_recent();
+            self.history_per_client.retain_recent();
+            self.opened_per_client.retain_recent();
+        }
     }
 
     /// Admits one more session, or says why not. The place is held until the permit drops.
@@ -113,6 +148,11 @@ impl Limits {
         if *mine >= self.max_sessions_per_client {
             return Err(Limited::ClientSessions);
         }
+        // Last: a session refused for another reason does not spend the rate.
+        let now = DefaultClock::default().now();
+        self.opened_per_client
+            .check_key(&client)
+            .map_err(|n| Limited::ClientSessionRate(n.wait_time_from(now)))?;
         *mine += 1;
         sessions.total += 1;
         Ok(SessionPermit { limits: self.clone(), client })
@@ -143,14 +183,26 @@ mod tests {
     use super::*;
 
     fn limits(per_client: u32, global: u32, sessions: usize, per_client_sessions: usize) -> Arc<Limits> {
-        Limits::new(&LimitsConfig {
+        Limits::new(&limits_config(per_client, global, sessions, per_client_sessions))
+    }
+
+    fn limits_config(
+        per_client: u32,
+        global: u32,
+        sessions: usize,
+        per_client_sessions: usize,
+    ) -> LimitsConfig {
+        LimitsConfig {
             messages_per_client: per_client,
             messages_per_key: per_client,
             messages_global: global,
+            trusted_proxies: Vec::new(),
+            history_per_client: 100,
+            sessions_opened_per_client: 1000,
             max_sessions: sessions,
             max_sessions_per_client: per_client_sessions,
             client_ip_header: None,
-        })
+        }
     }
 
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
@@ -185,6 +237,26 @@ mod tests {
         assert_eq!(busy.check_key_message(&billing), Ok(()));
         assert_eq!(busy.check_key_message(&billing), Ok(()));
         assert_eq!(busy.check_message(A), Ok(()), "keyed traffic leaves the global budget to people");
+    }
+
+    #[test]
+    fn opening_sessions_and_reading_history_have_rates_of_their_own() {
+        let l = Limits::new(&LimitsConfig {
+            history_per_client: 2,
+            sessions_opened_per_client: 1,
+            ..limits_config(100, 100, 100, 100)
+        });
+        let mut admitted = Vec::new();
+        for _ in 0..10 {
+            admitted.push(l.admit_session(A).unwrap());
+        }
+        assert!(matches!(l.admit_session(A), Err(Limited::ClientSessionRate(_))), "a burst of 10 s of it");
+        assert!(l.admit_session(B).is_ok(), "per address");
+        for _ in 0..20 {
+            assert_eq!(l.check_history(A), Ok(()));
+        }
+        assert!(matches!(l.check_history(A), Err(Limited::ClientHistoryRate(_))));
+        assert_eq!(l.check_message(A), Ok(()), "messages have their own budget");
     }
 
     #[test]

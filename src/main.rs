@@ -12,7 +12,7 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    telemetry::init(config.log_format);
+    telemetry::init(config.log_format, config.log_filter.as_deref());
     // Listen for signals before anything else, so an early SIGTERM still shuts down cleanly.
     let stop = stop_signal();
     let app = match Application::build(config).await {

@@ -11,9 +11,24 @@ use tracing_subscriber::{EnvFilter, fmt};
 
 use crate::config::LogFormat;
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default level (`info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,lapin=warn"));
+/// lapin's IO loop logs every frame at trace, the SASL response with the broker password
+/// among them: never below debug, whatever `RUST_LOG` says.
+const IO_LOOP_CAP: &str = "lapin::io_loop=debug";
+
+/// The filter: `RUST_LOG` (default `info,lapin=warn`), with lapin's IO loop capped at debug.
+pub fn filter(rust_log: Option<&str>) -> EnvFilter {
+    let filter = rust_log
+        .and_then(|spec| EnvFilter::try_new(spec).ok())
+        .unwrap_or_else(|| EnvFilter::new("info,lapin=warn"));
+    match IO_LOOP_CAP.parse() {
+        Ok(cap) => filter.add_directive(cap),
+        Err(_) => filter,
+    }
+}
+
+/// Installs the global subscriber, with [`filter`] of `RUST_LOG`.
+pub fn init(format: LogFormat, rust_log: Option<&str>) {
+    let filter = filter(rust_log);
     let builder = fmt().with_env_filter(filter);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -61,6 +76,39 @@ impl Throttle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lapins_io_loop_is_never_logged_at_trace_whatever_rust_log_says() {
+        use std::sync::{Arc, Mutex};
+        #[derive(Clone, Default)]
+        struct Capture(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Capture {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        for rust_log in ["trace", "lapin=trace", "lapin::io_loop=trace,info"] {
+            let capture = Capture::default();
+            let writer = capture.clone();
+            let subscriber =
+                fmt().with_env_filter(filter(Some(rust_log))).with_writer(move || writer.clone()).finish();
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::trace!(target: "lapin::io_loop", "SASL response hunter2");
+                tracing::debug!(target: "lapin::io_loop", "frame sent");
+                tracing::info!(target: "fanout_chat", "listening");
+            });
+            let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+            assert!(!text.contains("hunter2"), "RUST_LOG={rust_log}: {text}");
+            assert!(
+                text.contains("frame sent"),
+                "capped at debug, not silenced: RUST_LOG={rust_log}: {text}"
+            );
+        }
+    }
 
     #[test]
     fn a_key_is_logged_once_per_period_and_others_independently() {

@@ -72,12 +72,17 @@ pub(super) struct Env {
     pub(super) notifier_max_sessions: Option<String>,
     pub(super) notifier_max_sessions_per_client: Option<String>,
     pub(super) notifier_client_ip_header: Option<String>,
+    pub(super) notifier_trusted_proxies: Option<String>,
+    pub(super) notifier_history_per_client: Option<String>,
+    pub(super) notifier_sessions_opened_per_client: Option<String>,
     pub(super) notifier_messages_per_key: Option<String>,
     pub(super) notifier_api_keys: Option<String>,
     pub(super) notifier_api_keys_file: Option<String>,
     pub(super) notifier_allowed_origins: Option<String>,
     pub(super) hostname: Option<String>,
     pub(super) log_format: Option<String>,
+    pub(super) rust_log: Option<String>,
+    pub(super) notifier_readyz_detail: Option<String>,
 }
 
 impl Env {

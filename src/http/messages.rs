@@ -94,8 +94,10 @@ pub struct PageQuery {
 /// oldest first, ending with the newest message (or the one just before `before`).
 pub async fn list_messages(
     State(state): State<AppState>,
+    ClientIp(client): ClientIp,
     query: Result<Query<PageQuery>, QueryRejection>,
 ) -> Result<Response, AppError> {
+    state.limits.check_history(client)?;
     let Query(query) = query.map_err(|r| AppError::BadRequest(r.body_text()))?;
     let limit = match query.limit.as_deref() {
         None | Some("") => DEFAULT_PAGE,

@@ -16,14 +16,25 @@ pub async fn healthz() -> impl IntoResponse {
     Json(json!({ "status": "ok" }))
 }
 
-/// `GET /readyz`: `200` when a publish can succeed now; `503` with the reason otherwise.
+/// `GET /readyz`: `200` when a publish can succeed now; `503` otherwise. The answer says only
+/// whether the broker or a shutdown is the cause: the broker's address, vhost and refusal text
+/// are for the log (written by the bus when the link changes), not for whoever can reach this,
+/// unless `NOTIFIER_READYZ_DETAIL` is on.
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let readiness = if state.is_draining() { Err("shutting down".to_owned()) } else { state.bus.readiness() };
-    match readiness {
+    if state.is_draining() {
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "not ready: shutting down" })));
+    }
+    match state.bus.readiness() {
         Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready", "mode": state.config.mode() }))),
-        Err(reason) => {
+        Err(reason) if state.config.readyz_detail => {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": format!("not ready: {reason}") })))
         }
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(
+                json!({ "error": "not ready: the message broker is not available; the server's log says why" }),
+            ),
+        ),
     }
 }
 

@@ -52,6 +52,10 @@ pub fn test_config(kind: BusKind) -> Config {
     config.limits.messages_per_client = 1_000_000;
     config.limits.messages_global = 1_000_000;
     config.limits.max_sessions_per_client = 1_000_000;
+    config.limits.sessions_opened_per_client = 1_000_000;
+    config.limits.history_per_client = 1_000_000;
+    // Tests read why the broker is not available, as an operator would.
+    config.readyz_detail = true;
     match kind {
         BusKind::Memory => config,
         BusKind::Rabbit => config.with_rabbitmq(AMQP_HOST, AMQP_PORT, &unique_exchange()),

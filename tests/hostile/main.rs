@@ -7,6 +7,7 @@
 #[path = "../api/helpers.rs"]
 mod helpers;
 
+mod doors;
 mod history_ids;
 mod memory;
 mod process;

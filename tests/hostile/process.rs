@@ -5,6 +5,7 @@ use std::{
     io::{BufRead, BufReader},
     net::SocketAddr,
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -18,12 +19,30 @@ pub struct AppProcess {
     pub addr: SocketAddr,
     pub http: reqwest::Client,
     pub exchange: String,
+    log: Arc<Mutex<String>>,
 }
 
 impl AppProcess {
     /// Starts the binary on RabbitMQ at 127.0.0.1:5672 with its own exchange, the shipped
     /// defaults and `env`, and waits until it is ready.
     pub async fn start(env: &[(&str, &str)]) -> Self {
+        let app = Self::spawn(env).await;
+        within("the app process to be ready", async {
+            loop {
+                if let Ok(r) = app.http.get(app.url("/readyz")).send().await
+                    && r.status() == 200
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        app
+    }
+
+    /// As [`AppProcess::start`], without waiting for it to be ready (it may never be).
+    pub async fn spawn(env: &[(&str, &str)]) -> Self {
         let exchange = unique_exchange();
         let mut command = Command::new(env!("CARGO_BIN_EXE_fanout-chat"));
         command
@@ -41,10 +60,14 @@ impl AppProcess {
         }
         let mut child = command.spawn().expect("the fanout-chat binary");
         let stdout = child.stdout.take().expect("its stdout");
-        // The port is in the "listening" line; the rest of the log is drained and dropped.
+        // The port is in the "listening" line; every line is kept, for tests that read the log.
         let (found, port) = std::sync::mpsc::channel();
+        let log = Arc::new(Mutex::new(String::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push_str(&line);
+                kept.lock().unwrap().push('\n');
                 let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
                 if event["message"] == "listening"
                     && let Some(addr) = event["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok())
@@ -54,24 +77,18 @@ impl AppProcess {
             }
         });
         let port = port.recv_timeout(WAIT).expect("the app to log the port it listens on");
-        let app = Self {
+        Self {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             http: reqwest::Client::new(),
             exchange,
-        };
-        within("the app process to be ready", async {
-            loop {
-                if let Ok(r) = app.http.get(app.url("/readyz")).send().await
-                    && r.status() == 200
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
-        app
+            log,
+        }
+    }
+
+    /// Everything it has logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -147,10 +164,11 @@ impl Drop for AppProcess {
     }
 }
 
-/// A message text of `n` control characters: each is six bytes as JSON (`\u0001`), so a
-/// message at the 4,096-byte limit is about 24.6 KB on the wire and in every copy.
+/// A message text of `n` double quotes: each is two bytes as JSON (`\"`), the most any character
+/// a browser may send grows by (control characters, six bytes as `\u0001`, are refused), so a
+/// message at the 4,096-byte limit is about 8 KB on the wire and in every copy.
 pub fn heavy_text(n: usize) -> String {
-    "\u{1}".repeat(n)
+    "\"".repeat(n)
 }
 
 /// Posts `count` heavy messages, `at_once` at a time, and returns their envelopes (in the
