@@ -188,3 +188,23 @@ async fn a_thousand_half_sent_requests_are_closed_within_the_header_timeout_and_
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(test_config(BusKind::Memory)).await;
+    let mut socket = within("a connection", tokio::net::TcpStream::connect(app.addr)).await.unwrap();
+    socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = within("the answer", socket.read(&mut answer)).await.unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer[..n]));
+    // Kept alive, then nothing more: the server closes it once the header timeout has passed.
+    let idle = std::time::Instant::now();
+    let header_timeout = fanout_chat::serve::HEADER_READ_TIMEOUT;
+    let closed =
+        tokio::time::timeout(header_timeout + std::time::Duration::from_secs(5), socket.read(&mut answer))
+            .await;
+    assert!(matches!(closed, Ok(Ok(0) | Err(_))), "still open after {:?}: {closed:?}", idle.elapsed());
+    assert!(idle.elapsed() >= header_timeout / 2, "closed after {:?}, before the timeout", idle.elapsed());
+    app.stop().await;
+}
