@@ -238,3 +238,66 @@ async fn a_session_that_stops_answering_pings_is_closed() {
     drop(silent);
     app.stop().await;
 }
+
+/// The broker permissions the README gives a user of its own, for the exchange `exchange`:
+/// configure, write and read, as `rabbitmqctl set_permissions` takes them.
+fn documented_permissions(exchange: &str) -> [String; 3] {
+    let exchange = exchange.replace('.', "\\.");
+    let own = format!("{exchange}|{exchange}\\.history");
+    [
+        format!("^({own}|fanout-chat\\..*)$"),
+        format!("^({own}|amq\\.default|fanout-chat\\..*)$"),
+        format!("^({own}|fanout-chat\\..*)$"),
+    ]
+}
+
+/// A broker user with only the permissions the README documents (not the operator's
+/// administrator) runs the app: declares, publishes, follows the history, resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_user_with_only_the_documented_permissions_runs_the_app() {
+    let id = ulid::Ulid::new().to_string().to_lowercase();
+    // Not under fanout-chat.*: the exchange must be allowed by its own name. (The test command
+    // removes streams named fanout-chat-test.* that a failed run leaves.)
+    let exchange = format!("fanout-chat-test.least-privilege-{id}");
+    let user = TempUser(format!("fanout-chat-test-{id}"));
+    let password = format!("pw-{id}");
+    crate::helpers::rabbitmqctl_with(&["add_user", &user.0, &password]);
+    let [configure, write, read] = documented_permissions(&exchange);
+    crate::helpers::rabbitmqctl_with(&["set_permissions", "-p", "/", &user.0, &configure, &write, &read]);
+
+    let mut config = test_config(BusKind::Rabbit);
+    let rabbit = config.rabbitmq.as_mut().unwrap();
+    rabbit.exchange.clone_from(&exchange);
+    rabbit.history.name = format!("{exchange}.history");
+    rabbit.user.clone_from(&user.0);
+    rabbit.password = fanout_chat::config::Secret::new(password);
+    let app = crate::helpers::spawn_app_with(config).await;
+    let mut session = app.connect().await;
+    let first = app.post_text("with least privilege").await;
+    assert_eq!(session.next_message().await, first);
+    let second = app.post_text("and again").await;
+    assert_eq!(session.next_message().await, second);
+    let page = within("the history to hold both", async {
+        loop {
+            let page = app.history("").await;
+            if page["messages"].as_array().is_some_and(|m| m.len() == 2) {
+                return page;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(page["messages"][1], second);
+    let mut resumed = app.connect_since(first["id"].as_str().unwrap()).await;
+    assert_eq!(resumed.next_message().await, second);
+    app.stop().await;
+}
+
+/// A broker user of a test's own, deleted when the test ends, passed or not.
+struct TempUser(String);
+
+impl Drop for TempUser {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("rabbitmqctl").args(["-q", "delete_user", &self.0]).output();
+    }
+}
