@@ -97,7 +97,8 @@ impl Application {
             stopping.cancel();
         });
 
-        let server = serve::serve(listener, http::router(state), shutdown.clone());
+        let write_timeout = state.config.ws.http_write_timeout;
+        let server = serve::serve(listener, http::router(state), write_timeout, shutdown.clone());
         let mut server = tokio::spawn(server);
         tokio::select! {
             result = &mut server => return result.map_err(io::Error::other),

@@ -106,6 +106,10 @@ pub struct WsConfig {
     /// socket has taken nothing for a few seconds; past this budget it is closed at once (1013,
     /// and the page resumes with `since`) instead of at the send timeout.
     pub stalled_bytes: usize,
+    /// `NOTIFIER_HTTP_WRITE_TIMEOUT_SECS` (default `60`): a connection whose client has taken
+    /// nothing of what is written to it for this long is closed (a response nobody reads).
+    /// Longer than the send timeout, which ends a stalled WebSocket session first, with a reason.
+    pub http_write_timeout: Duration,
 }
 
 /// Stopping: first drain, then close.
@@ -300,6 +304,13 @@ impl WsConfig {
                 64 << 10,
                 1 << 40,
             )?,
+            http_write_timeout: secs(ranged(
+                "NOTIFIER_HTTP_WRITE_TIMEOUT_SECS",
+                env.notifier_http_write_timeout_secs.take(),
+                60,
+                1,
+                3600,
+            )?),
         })
     }
 }

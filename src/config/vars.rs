@@ -65,6 +65,7 @@ pub(super) struct Env {
     pub(super) notifier_ws_send_timeout_secs: Option<String>,
     pub(super) notifier_ws_write_buffer_bytes: Option<String>,
     pub(super) notifier_ws_stalled_bytes: Option<String>,
+    pub(super) notifier_http_write_timeout_secs: Option<String>,
     pub(super) notifier_shutdown_timeout_secs: Option<String>,
     pub(super) notifier_drain_secs: Option<String>,
     pub(super) notifier_messages_per_client: Option<String>,

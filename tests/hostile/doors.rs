@@ -208,3 +208,33 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
     assert!(idle.elapsed() >= header_timeout / 2, "closed after {:?}, before the timeout", idle.elapsed());
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_nobody_reads_is_dropped_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut config = test_config(BusKind::Memory);
+    config.ws.http_write_timeout = std::time::Duration::from_secs(2);
+    let app = spawn_app_with(config).await;
+    let heavy = "\"".repeat(4000);
+    for n in 0..200 {
+        app.post_text(&format!("{n} {heavy}")).await;
+    }
+    let in_flight = "fanout_chat_history_pages_in_flight_bytes";
+    let mut socket = within("a connection", tokio::net::TcpStream::connect(app.addr)).await.unwrap();
+    socket.write_all(b"GET /messages?limit=500 HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut status = [0u8; 12];
+    within("the status line", socket.read_exact(&mut status)).await.unwrap();
+    assert_eq!(&status[9..12], b"200");
+    // A megabyte does not fit in the sockets' buffers: the rest of the page waits in the app.
+    assert!(crate::helpers::metric(&app, in_flight).await > 0.0, "the unread page is held");
+    let stalled = std::time::Instant::now();
+    within("the unread page to be dropped", async {
+        while crate::helpers::metric(&app, in_flight).await > 0.0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(stalled.elapsed() >= std::time::Duration::from_secs(1), "dropped after {:?}", stalled.elapsed());
+    drop(socket);
+    app.stop().await;
+}
