@@ -87,6 +87,8 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
                 let up_since = Instant::now();
                 shared.metrics.broker_connects.fetch_add(1, Relaxed);
                 shared.metrics.broker_ready.store(1, Relaxed);
+                // Up before it is said: whoever reads "connected" in the log may subscribe at once.
+                state.send_replace(LinkState::Up(link.clone()));
                 match lost_at.take() {
                     Some(at) => {
                         let outage_ms = at.elapsed().as_millis() as u64;
@@ -99,7 +101,6 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
                         "connected to RabbitMQ"
                     ),
                 }
-                state.send_replace(LinkState::Up(link.clone()));
                 tokio::spawn(open_when_sessions_are_bound(shared.clone(), link.clone()));
                 let reason = tokio::select! {
                     reason = link_lost(&link) => reason,
