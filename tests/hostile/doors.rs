@@ -29,6 +29,7 @@ async fn post_as(http: &reqwest::Client, app: &TestApp, forwarded: &[&str]) -> u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x_forwarded_for_names_the_client_only_when_a_trusted_proxy_sent_it() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let mut config = test_config(BusKind::Memory);
     config.limits.messages_per_client = 2;
     config.limits.client_ip_header = Some("x-forwarded-for".into());
@@ -54,6 +55,7 @@ async fn x_forwarded_for_names_the_client_only_when_a_trusted_proxy_sent_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_thousand_upgrades_from_one_address_are_mostly_refused_and_declare_few_queues() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let mut config = test_config(BusKind::Rabbit);
     config.limits.sessions_opened_per_client = fanout_chat::Config::local().limits.sessions_opened_per_client;
     let app = spawn_app_with(config).await;
@@ -84,6 +86,7 @@ async fn two_thousand_upgrades_from_one_address_are_mostly_refused_and_declare_f
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_reads_have_a_rate_per_address() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let mut config = test_config(BusKind::Memory);
     config.limits.history_per_client = fanout_chat::Config::local().limits.history_per_client;
     let app = spawn_app_with(config).await;
@@ -105,6 +108,7 @@ async fn history_reads_have_a_rate_per_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_broker_password_shows_no_secret_in_the_trace_log_nor_the_broker_to_the_public() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let secret = "s3cr3t-n0t-the-password";
     let app = AppProcess::spawn(&[("NOTIFIER_RABBITMQ_PASSWORD", secret), ("RUST_LOG", "trace")]).await;
     // Until it has tried and failed at least once.
@@ -134,6 +138,7 @@ async fn a_wrong_broker_password_shows_no_secret_in_the_trace_log_nor_the_broker
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_characters_and_bidi_overrides_are_refused_with_a_sentence_that_says_which() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let app = spawn_app_with(test_config(BusKind::Memory)).await;
     let mut session = app.connect().await;
     for (body, says) in [
@@ -159,6 +164,7 @@ async fn control_characters_and_bidi_overrides_are_refused_with_a_sentence_that_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_half_sent_requests_are_closed_within_the_header_timeout_and_others_are_served() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_app_with(test_config(BusKind::Memory)).await;
     let mut half_open = Vec::new();
@@ -191,6 +197,7 @@ async fn a_thousand_half_sent_requests_are_closed_within_the_header_timeout_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let app = spawn_app_with(test_config(BusKind::Memory)).await;
     let mut socket = within("a connection", tokio::net::TcpStream::connect(app.addr)).await.unwrap();
@@ -211,6 +218,7 @@ async fn an_idle_keep_alive_connection_is_closed_after_the_header_timeout() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_nobody_reads_is_dropped_after_the_write_timeout() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut config = test_config(BusKind::Memory);
     config.ws.http_write_timeout = std::time::Duration::from_secs(2);

@@ -80,9 +80,19 @@ async fn timed_get(app: &TestApp, query: &str) -> (u16, Value, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_before_the_first_or_after_the_last_message_is_answered_at_once() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let (app, _) = app_with_history_beyond_the_window().await;
-    // A long stream: reading it whole takes seconds.
+    // A long stream: reading it whole takes seconds. Timed once the window has taken it in.
     publish_many(&app, 20_000).await;
+    within("the window to take the bulk in", async {
+        loop {
+            if app.history("?limit=1").await["messages"][0]["text"] == "bulk 19999" {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let (status, body, took) = timed_get(&app, &format!("?before={FAR_PAST}")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["messages"], Value::Array(vec![]), "nothing is older than the first message");
@@ -97,6 +107,7 @@ async fn a_page_before_the_first_or_after_the_last_message_is_answered_at_once()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_far_ids_leaves_the_stream_reads_to_people_loading_older_messages() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let (app, posted) = app_with_history_beyond_the_window().await;
     // Twice the process's stream read slots, at once, over and over.
     for _ in 0..3 {
@@ -125,6 +136,7 @@ async fn a_flood_of_far_ids_leaves_the_stream_reads_to_people_loading_older_mess
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_resuming_from_the_future_is_refused_and_from_the_far_past_told_of_its_gap_at_once() {
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let (app, posted) = app_with_history_beyond_the_window().await;
     let started = Instant::now();
     let future = tokio_tungstenite::connect_async(format!("ws://{}/ws?since={FAR_FUTURE}", app.addr));

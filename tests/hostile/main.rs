@@ -11,3 +11,7 @@ mod doors;
 mod history_ids;
 mod memory;
 mod process;
+
+/// One hostile test at a time: each loads both cores, and the times they assert would measure
+/// each other.
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

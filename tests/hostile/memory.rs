@@ -23,10 +23,6 @@ const ROUND_TRIP_BOUND: Duration = Duration::from_millis(100);
 /// The most bytes of messages one page of history holds (the README's "Limits and abuse").
 const PAGE_MAX_BYTES: usize = 1 << 20;
 
-/// One of these tests at a time: each loads both cores, and the round trips they time would
-/// measure each other.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
 /// The seeding posts fast from one address; the tests are about memory, not rates.
 const SEEDING: [(&str, &str); 1] = [("NOTIFIER_MESSAGES_PER_CLIENT", "1000000")];
 
@@ -47,7 +43,7 @@ fn mib(bytes: u64) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_of_history_is_at_most_a_mebibyte_and_the_next_one_carries_on_where_it_stopped() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let app = AppProcess::start(&SEEDING).await;
     // One at a time: the order of the history is the order posted.
     let posted = seed_heavy(&app, 200, 1).await;
@@ -82,7 +78,7 @@ async fn a_page_of_history_is_at_most_a_mebibyte_and_the_next_one_carries_on_whe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forty_clients_asking_for_big_pages_and_never_reading_them_do_not_pin_memory() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let app = AppProcess::start(&SEEDING).await;
     seed_heavy(&app, 500, 8).await;
     let before = app.rss_bytes();
@@ -112,7 +108,7 @@ async fn forty_clients_asking_for_big_pages_and_never_reading_them_do_not_pin_me
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_sessions_resuming_from_before_the_window_and_never_reading_do_not_pin_memory() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let app = AppProcess::start(&SEEDING).await;
     // The window keeps 1,000 (the default): 500 more are in the stream only.
     let posted = seed_heavy(&app, 1500, 8).await;
@@ -142,7 +138,7 @@ async fn thirty_sessions_resuming_from_before_the_window_and_never_reading_do_no
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_stalled_sessions_under_a_flood_of_large_messages_do_not_pin_memory() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     let app = AppProcess::start(&SEEDING).await;
     let mut stalled = Vec::new();
     for _ in 0..200 {
@@ -162,7 +158,7 @@ async fn two_hundred_stalled_sessions_under_a_flood_of_large_messages_do_not_pin
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_stalled_sessions_budget_a_session_that_stopped_reading_is_closed_at_once() {
-    let _alone = ONE_AT_A_TIME.lock().await;
+    let _alone = crate::ONE_AT_A_TIME.lock().await;
     // Room for three stalled sessions (8 × 25 KB frames and a 64 KiB buffer each).
     let env = [SEEDING[0], ("NOTIFIER_WS_STALLED_BYTES", "1048576")];
     let app = AppProcess::start(&env).await;
