@@ -7,12 +7,18 @@
 
 #[path = "../api/helpers.rs"]
 mod helpers;
+mod proxy;
 
-use std::{process::Command, time::Duration};
+use std::{
+    net::SocketAddr,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use serde_json::Value;
 
 use helpers::{TestApp, WsClient, spawn_app_with, unique_exchange, within};
+use proxy::RoundRobin;
 
 /// The cluster's nodes: AMQP ports, in node order.
 const NODES: [u16; 3] = [5681, 5682, 5683];
@@ -46,6 +52,38 @@ fn cluster_broker(args: &[&str]) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// A replica that reaches the cluster through `service` (a round-robin address), on `exchange`.
+async fn replica_behind(service: &RoundRobin, exchange: &str) -> TestApp {
+    let mut config = helpers::test_config(helpers::BusKind::Memory).with_rabbitmq(
+        "127.0.0.1",
+        service.addr.port(),
+        exchange,
+    );
+    config.replica = format!("cluster-rr-{}", &ulid::Ulid::new().to_string()[16..]);
+    spawn_app_with(config).await
+}
+
+fn service_for_the_cluster() -> impl std::future::Future<Output = RoundRobin> {
+    RoundRobin::start(NODES.iter().map(|&port| SocketAddr::from(([127, 0, 0, 1], port))).collect())
+}
+
+/// Posts `text` to `app`, answering the status and, on 202, the envelope's text.
+async fn try_post(app: &TestApp, text: &str) -> (u16, Option<String>) {
+    let response = within(
+        "POST /messages",
+        app.http.post(app.url("/messages")).json(&serde_json::json!({ "text": text })).send(),
+    )
+    .await
+    .unwrap();
+    let status = response.status().as_u16();
+    if status == 202 {
+        let envelope: Value = response.json().await.unwrap();
+        (status, envelope["text"].as_str().map(str::to_owned))
+    } else {
+        (status, None)
+    }
 }
 
 /// A replica on node `node` (0-based) of the cluster, on `exchange`.
@@ -141,4 +179,172 @@ async fn a_node_stopped_under_sessions_interrupts_them_and_they_get_everything_c
     }
     lose.stop_keeping_broker_state().await;
     stay.stop().await;
+}
+
+/// What one session saw: the message texts, in order, and how long each interruption lasted.
+#[derive(Debug, Default)]
+struct Seen {
+    texts: Vec<String>,
+    interruptions: Vec<Duration>,
+    gaps: Vec<Value>,
+}
+
+/// Reads `session` until it has `until` (a text), for at most `bound`.
+async fn read_until(session: &mut WsClient, until: &str, seen: &mut Seen, bound: Duration) {
+    let mut interrupted: Option<Instant> = None;
+    let reading = async {
+        loop {
+            let frame = session.next_frame().await;
+            match frame["type"].as_str() {
+                Some("interrupted") => interrupted = Some(Instant::now()),
+                Some("restored") => seen.interruptions.extend(interrupted.take().map(|at| at.elapsed())),
+                Some("gap") => seen.gaps.push(frame.clone()),
+                Some(_) => {}
+                None => {
+                    let text = frame["text"].as_str().unwrap().to_owned();
+                    let done = text == until;
+                    seen.texts.push(text);
+                    if done {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(bound, reading).await.is_err() {
+        panic!("the session did not get {until:?} within {bound:?}: {seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_service_a_node_loss_restores_the_sessions_within_ten_seconds_with_everything_confirmed() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    cluster_is_up();
+    let service = service_for_the_cluster().await;
+    let exchange = unique_exchange();
+    let app = replica_behind(&service, &exchange).await;
+    let mut sessions = vec![app.connect().await, app.connect().await];
+    let before = app.post_text("before the stop").await;
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, before);
+    }
+    // The replica's connections are spread over the three nodes: losing any one is felt.
+    let stopped = Instant::now();
+    cluster_broker(&["stop-node", "2"]);
+    let mut confirmed = Vec::new();
+    let mut refused = 0;
+    let reached = within("a POST to be accepted again", async {
+        loop {
+            match try_post(&app, &format!("during the loss {}", confirmed.len() + refused)).await {
+                (202, Some(text)) => {
+                    confirmed.push(text);
+                    if confirmed.len() == 3 {
+                        return stopped.elapsed();
+                    }
+                }
+                _ => refused += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let last = confirmed.last().unwrap().clone();
+    for session in &mut sessions {
+        let mut seen = Seen::default();
+        read_until(session, &last, &mut seen, helpers::WAIT).await;
+        assert!(seen.gaps.is_empty(), "no gap: {:?}", seen.gaps);
+        let from_the_loss: Vec<_> =
+            seen.texts.iter().filter(|t| t.starts_with("during the loss")).cloned().collect();
+        assert_eq!(from_the_loss, confirmed, "every confirmed message, once, in order");
+    }
+    let restored = stopped.elapsed();
+    eprintln!(
+        "node 2 stopped: POSTs accepted again after {reached:?} ({refused} refused), sessions caught up after {restored:?}"
+    );
+    assert!(restored < Duration::from_secs(10), "restored {restored:?} after the node stopped");
+    cluster_broker(&["start-node", "2"]);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_under_posts_delivers_every_accepted_message_to_every_session_once_in_order() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    cluster_is_up();
+    let service = service_for_the_cluster().await;
+    let exchange = unique_exchange();
+    let replicas = [replica_behind(&service, &exchange).await, replica_behind(&service, &exchange).await];
+    let mut sessions = Vec::new();
+    for replica in &replicas {
+        for _ in 0..3 {
+            sessions.push(replica.connect().await);
+        }
+    }
+    const LAST: &str = "after the rolling restart";
+    // Each session read as it goes, so interruptions are timed as a person would see them.
+    let readers: Vec<_> = sessions
+        .into_iter()
+        .map(|mut session| {
+            tokio::spawn(async move {
+                let mut seen = Seen::default();
+                read_until(&mut session, LAST, &mut seen, Duration::from_secs(120)).await;
+                seen
+            })
+        })
+        .collect();
+    let stop = tokio_util::sync::CancellationToken::new();
+    // About 50 POSTs a second, to either replica in turn, each after the previous answer.
+    let publisher = {
+        let stop = stop.clone();
+        let targets: Vec<(String, reqwest::Client)> =
+            replicas.iter().map(|r| (r.url("/messages"), r.http.clone())).collect();
+        tokio::spawn(async move {
+            let (mut accepted, mut refused) = (Vec::new(), Vec::new());
+            let mut ticks = tokio::time::interval(Duration::from_millis(20));
+            let mut n = 0usize;
+            while !stop.is_cancelled() {
+                ticks.tick().await;
+                let (url, http) = &targets[n % targets.len()];
+                let text = format!("rolling {n}");
+                n += 1;
+                let sent = http.post(url).json(&serde_json::json!({ "text": text })).send();
+                match tokio::time::timeout(Duration::from_secs(10), sent).await {
+                    Ok(Ok(response)) if response.status() == 202 => accepted.push(text),
+                    _ => refused.push(text),
+                }
+            }
+            (accepted, refused)
+        })
+    };
+    for node in ["1", "2", "3"] {
+        cluster_broker(&["restart-node", node]);
+    }
+    stop.cancel();
+    let (accepted, refused) = publisher.await.unwrap();
+    replicas[0].post_text(LAST).await;
+    let mut longest = Duration::ZERO;
+    for reader in readers {
+        let seen = reader.await.unwrap();
+        assert!(seen.gaps.is_empty(), "no gap: {:?}", seen.gaps);
+        let got: Vec<_> = seen.texts.iter().filter(|t| t.starts_with("rolling ")).cloned().collect();
+        let mut unique = got.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), got.len(), "no message twice");
+        // A 503 cannot prove the message was not routed (its confirm was lost with the node):
+        // those may arrive. Every accepted one must, once, in order.
+        let accepted_got: Vec<_> = got.iter().filter(|t| accepted.contains(t)).cloned().collect();
+        assert_eq!(accepted_got, accepted, "every accepted message, once, in order");
+        assert!(got.iter().all(|t| accepted.contains(t) || refused.contains(t)), "only what was posted");
+        longest = longest.max(seen.interruptions.iter().copied().max().unwrap_or_default());
+    }
+    let total = accepted.len() + refused.len();
+    eprintln!(
+        "rolling restart: {} of {total} POSTs accepted, {} refused ({:.1} %); longest interruption of a session {longest:?}",
+        accepted.len(),
+        refused.len(),
+        100.0 * refused.len() as f64 / total.max(1) as f64
+    );
+    for replica in replicas {
+        replica.stop_keeping_broker_state().await;
+    }
 }
