@@ -5,6 +5,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code, reason = "tests fail loudly")]
 
+#[path = "../api/chaos.rs"]
+mod chaos;
 #[path = "../api/helpers.rs"]
 mod helpers;
 mod proxy;
@@ -52,6 +54,33 @@ fn cluster_broker(args: &[&str]) {
         String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// A node stopped by a test, started again when the test ends, passed or not, so that a failed
+/// test never leaves the cluster short for the next.
+struct StoppedNode(String);
+
+impl StoppedNode {
+    fn stop(node: usize) -> Self {
+        let node = node.to_string();
+        cluster_broker(&["stop-node", &node]);
+        Self(node)
+    }
+
+    /// Starts it again now, and checks that it came back.
+    fn start(self) {
+        cluster_broker(&["start-node", &self.0]);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for StoppedNode {
+    fn drop(&mut self) {
+        let _ = Command::new("scripts/cluster-broker")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .args(["start-node", &self.0])
+            .output();
+    }
 }
 
 /// A replica that reaches the cluster through `service` (a round-robin address), on `exchange`.
@@ -150,7 +179,7 @@ async fn a_node_stopped_under_sessions_interrupts_them_and_they_get_everything_c
     for session in &mut sessions {
         assert_eq!(session.next_message().await, before);
     }
-    cluster_broker(&["stop-node", "3"]);
+    let node = StoppedNode::stop(3);
     for session in &mut sessions {
         let frame = session.next_frame().await;
         assert_eq!(frame["type"], "interrupted", "{frame}");
@@ -162,7 +191,7 @@ async fn a_node_stopped_under_sessions_interrupts_them_and_they_get_everything_c
         );
     }
     let restarted = std::time::Instant::now();
-    cluster_broker(&["start-node", "3"]);
+    node.start();
     for session in &mut sessions {
         let frame = within("the session to be restored", async { session.next_frame().await }).await;
         assert_eq!(frame["type"], "restored", "{frame}");
@@ -230,7 +259,7 @@ async fn behind_a_service_a_node_loss_restores_the_sessions_within_ten_seconds_w
     }
     // The replica's connections are spread over the three nodes: losing any one is felt.
     let stopped = Instant::now();
-    cluster_broker(&["stop-node", "2"]);
+    let node = StoppedNode::stop(2);
     let mut confirmed = Vec::new();
     let mut refused = 0;
     let reached = within("a POST to be accepted again", async {
@@ -262,7 +291,7 @@ async fn behind_a_service_a_node_loss_restores_the_sessions_within_ten_seconds_w
         "node 2 stopped: POSTs accepted again after {reached:?} ({refused} refused), sessions caught up after {restored:?}"
     );
     assert!(restored < Duration::from_secs(10), "restored {restored:?} after the node stopped");
-    cluster_broker(&["start-node", "2"]);
+    node.start();
     app.stop().await;
 }
 
@@ -347,4 +376,133 @@ async fn a_rolling_restart_under_posts_delivers_every_accepted_message_to_every_
     for replica in replicas {
         replica.stop_keeping_broker_state().await;
     }
+}
+
+/// The node (1-3) that leads the stream `name`, as the cluster says.
+fn stream_leader(name: &str) -> usize {
+    let node = format!("fanout-cluster-1@{}", hostname());
+    let output = Command::new("rabbitmqctl")
+        .args(["-n", &node, "-q", "--no-table-headers", "list_queues", "name", "leader"])
+        .output()
+        .expect("rabbitmqctl");
+    let listing = String::from_utf8_lossy(&output.stdout).into_owned();
+    listing
+        .lines()
+        .find_map(|line| {
+            let (queue, leader) = line.split_once('\t')?;
+            (queue == name)
+                .then(|| leader.trim().strip_prefix("fanout-cluster-")?.split('@').next()?.parse().ok())?
+        })
+        .unwrap_or_else(|| panic!("no leader for {name} in:\n{listing}"))
+}
+
+fn hostname() -> String {
+    let output = Command::new("hostname").output().expect("hostname");
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_history_streams_leader_stops_history_and_resuming_keep_answering_with_nothing_lost() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    cluster_is_up();
+    let exchange = unique_exchange();
+    let first = replica_on(0, &exchange).await;
+    let mut posted = Vec::new();
+    for n in 0..20 {
+        posted.push(first.post_text(&format!("kept {n}")).await);
+    }
+    let leader = stream_leader(&format!("{exchange}.history"));
+    // A replica on a node that is not the leader (nor, if it can be helped, node 1).
+    let node = [1, 2, 0].into_iter().find(|&i| i + 1 != leader).unwrap();
+    let reader = replica_on(node, &exchange).await;
+    let last = posted.last().unwrap().clone();
+    within("the reader's window to hold the history", async {
+        loop {
+            if reader.history("?limit=1").await["messages"][0] == last {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let node = StoppedNode::stop(leader);
+    let stopped = Instant::now();
+    // The window is in the reader's memory: history answers at once, whole.
+    let started = Instant::now();
+    let page = reader.history("?limit=50").await;
+    assert!(started.elapsed() < Duration::from_secs(1), "a page took {:?}", started.elapsed());
+    assert_eq!(page["messages"], Value::Array(posted.clone()), "nothing lost or repeated");
+    // A browser resuming on the reader gets what it missed, once, in order.
+    let mut resumed = reader.connect_since(posted[4]["id"].as_str().unwrap()).await;
+    for message in &posted[5..] {
+        assert_eq!(&resumed.next_message().await, message);
+    }
+    // And the chat goes on through the new leader.
+    within("a POST to be accepted with the leader gone", async {
+        loop {
+            let (status, _) = try_post(&reader, "after the leader stopped").await;
+            if status == 202 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let frame = within("the new message to arrive", async {
+        loop {
+            let frame = resumed.next_frame().await;
+            if frame["text"].is_string() {
+                return frame;
+            }
+        }
+    })
+    .await;
+    assert_eq!(frame["text"], "after the leader stopped");
+    eprintln!("stream leader (node {leader}) stopped: chat went on after {:?}", stopped.elapsed());
+    node.start();
+    reader.stop_keeping_broker_state().await;
+    first.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_cut_off_from_its_node_loses_and_repeats_nothing_once_the_network_heals() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    cluster_is_up();
+    let exchange = unique_exchange();
+    // The partition: a chaos proxy between one replica and node 2, which keeps running.
+    let network = chaos::ChaosProxy::start(SocketAddr::from(([127, 0, 0, 1], NODES[1]))).await;
+    let stay = replica_on(0, &exchange).await;
+    let mut config =
+        helpers::test_config(helpers::BusKind::Memory).with_rabbitmq("127.0.0.1", network.port(), &exchange);
+    config.replica = format!("cluster-cut-{}", &ulid::Ulid::new().to_string()[16..]);
+    let cut_off = spawn_app_with(config).await;
+    let mut sessions = vec![cut_off.connect().await, cut_off.connect().await];
+    let before = stay.post_text("before the cut").await;
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, before);
+    }
+    network.cut().await;
+    for session in &mut sessions {
+        let frame = session.next_frame().await;
+        assert_eq!(frame["type"], "interrupted", "{frame}");
+    }
+    let mut confirmed = Vec::new();
+    for n in 0..5 {
+        confirmed
+            .push(stay.post_text(&format!("during the cut {n}")).await["text"].as_str().unwrap().to_owned());
+    }
+    network.restore().await;
+    for session in &mut sessions {
+        let mut seen = Seen::default();
+        read_until(session, confirmed.last().unwrap(), &mut seen, Duration::from_secs(30)).await;
+        assert!(seen.gaps.is_empty(), "no gap: {:?}", seen.gaps);
+        let during: Vec<_> = seen.texts.iter().filter(|t| t.starts_with("during the cut")).cloned().collect();
+        assert_eq!(during, confirmed, "every message confirmed during the cut, once, in order");
+    }
+    let after = stay.post_text("after the heal").await;
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, after, "live again, nothing repeated");
+    }
+    cut_off.stop_keeping_broker_state().await;
+    stay.stop().await;
 }

@@ -75,26 +75,39 @@ impl RabbitBus {
             return Ok((newer, true));
         }
         if let Some(offset) = read_before {
-            let _reading = self.stream_read().await?;
-            let link = self.current_link()?;
-            let stream = &self.0.config.history.name;
-            let wanted = limit - newer.len();
-            let budget = max_bytes - newer_bytes;
-            let (older, older_exist, left_out) = stream::read_before(
-                &link.connections[1],
-                stream,
-                self.0.max_frame_bytes,
-                offset,
-                wanted,
-                budget,
-            )
-            .await
-            .map_err(BusError::Broker)?;
-            more = older_exist || left_out;
-            frames.extend(older.into_iter().map(|e| e.frame));
+            match self.read_older(offset, limit - newer.len(), max_bytes - newer_bytes).await {
+                Ok((older, older_exist, left_out)) => {
+                    more = older_exist || left_out;
+                    frames.extend(older.into_iter().map(|e| e.frame));
+                }
+                // The window's part is still worth having (the stream can be without a leader
+                // for a few seconds, while the cluster elects one): what is older may come with
+                // the next page.
+                Err(e) if !newer.is_empty() => {
+                    tracing::warn!(error = %e, "cannot read older history from the stream; answering the window's part");
+                    more = true;
+                }
+                Err(e) => return Err(e),
+            }
         }
         frames.extend(newer.into_iter().map(|e| e.frame));
         Ok((frames, more))
+    }
+
+    /// Up to `wanted` messages before the stream offset `before`, at most `budget` bytes; see
+    /// [`stream::read_before`].
+    async fn read_older(
+        &self,
+        before: u64,
+        wanted: usize,
+        budget: usize,
+    ) -> Result<(Vec<history::NewEntry>, bool, bool), BusError> {
+        let _reading = self.stream_read().await?;
+        let link = self.current_link()?;
+        let stream = &self.0.config.history.name;
+        stream::read_before(&link.connections[1], stream, self.0.max_frame_bytes, before, wanted, budget)
+            .await
+            .map_err(BusError::Broker)
     }
 
     /// Waits (at most `bound`) until the window holds the stream's end as it was at start-up:

@@ -124,40 +124,59 @@ pub(super) async fn follow(
     tracing::debug!(%stream, start, "following the history stream");
     let shared = shared.clone();
     tokio::spawn(async move {
-        // `None`: the consumer ended without an error (the broker cancelled it).
-        let failed = loop {
-            let delivery = match consumer.next().await {
-                Some(Ok(delivery)) => delivery,
-                Some(Err(e)) => break Some(e),
-                None => break None,
-            };
-            let Some(offset) = stream_offset(&delivery) else { continue };
-            // Queued with lapin, not waited for (see `Ack::send`).
-            let _ = delivery.acker.ack(BasicAckOptions::default()).now_or_never();
-            {
-                let mut next = shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
-                if next.is_some_and(|n| offset < n) {
-                    continue; // Already in the window (a chunk re-read from its start).
+        loop {
+            // `None`: the consumer ended without an error (the broker cancelled it).
+            let failed = loop {
+                let delivery = match consumer.next().await {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => break Some(e),
+                    None => break None,
+                };
+                let Some(offset) = stream_offset(&delivery) else { continue };
+                // Queued with lapin, not waited for (see `Ack::send`).
+                let _ = delivery.acker.ack(BasicAckOptions::default()).now_or_never();
+                {
+                    let mut next = shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
+                    if next.is_some_and(|n| offset < n) {
+                        continue; // Already in the window (a chunk re-read from its start).
+                    }
+                    *next = Some(offset + 1);
                 }
-                *next = Some(offset + 1);
+                if tail.is_some_and(|t| offset >= t) && !shared.history_filled.send_replace(true) {
+                    tracing::info!(offset, "history window filled from the stream");
+                }
+                if let Some(entry) = into_entry(delivery, offset, shared.max_frame_bytes) {
+                    shared.history.append(entry);
+                }
+            };
+            // With the connection lost, the next link resumes where this one stopped.
+            if failed.is_some() || !channel.status().connected() || shared.shutdown.is_cancelled() {
+                break;
             }
-            if tail.is_some_and(|t| offset >= t) && !shared.history_filled.send_replace(true) {
-                tracing::info!(offset, "history window filled from the stream");
+            // The broker ended the consumer on a live channel: the stream's leader went away
+            // (a node stopped; another member takes over), or the stream was deleted. Follow
+            // on from where the window is: on a stream that is still there that just works,
+            // and nothing is interrupted.
+            let next = shared.stream_next.lock().unwrap_or_else(|p| p.into_inner()).unwrap_or(0);
+            match consume(&channel, &stream, offset_value(next)).await {
+                Ok(again) => {
+                    tracing::info!(stream = %log_stream, next, "the history stream's reader was stopped by the broker; following on");
+                    consumer = again;
+                }
+                Err(e) => {
+                    // Deleted (and maybe declared again, starting over at offset 0): rebuild the
+                    // link, refilling the window from the new stream's end; a window that
+                    // silently stopped growing would leave resuming sessions waiting on it.
+                    // Anything else: rebuild the link too, keeping the window.
+                    if channel_error(&e) == Some(&AMQPSoftError::NOTFOUND) {
+                        *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                        shared.history.clear();
+                    }
+                    tracing::warn!(stream = %log_stream, error = %e, "the history stream's reader cannot follow on; rebuilding the link");
+                    broken.notify_one();
+                    break;
+                }
             }
-            if let Some(entry) = into_entry(delivery, offset, shared.max_frame_bytes) {
-                shared.history.append(entry);
-            }
-        };
-        // With the connection lost, the next link resumes where this one stopped. Otherwise
-        // the broker ended the consumer on a live channel: the stream was deleted (and may be
-        // declared again, starting over at offset 0). Rebuild the link, refilling the window
-        // from the new stream's end; a window that silently stopped growing would leave
-        // resuming sessions waiting on it.
-        if failed.is_none() && channel.status().connected() && !shared.shutdown.is_cancelled() {
-            tracing::warn!(stream = %log_stream, "the history stream's reader was stopped by the broker; rebuilding the link");
-            *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            shared.history.clear();
-            broken.notify_one();
         }
         drop(channel);
     });
