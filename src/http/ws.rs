@@ -318,14 +318,13 @@ impl Session {
     /// Queues one frame in the socket's write buffer (written out when the buffer is full or
     /// flushed); see [`Session::wait_for_socket`].
     async fn feed(&mut self, message: Message) -> Result<(), End> {
-        let state = self.state.clone();
-        let written = wait_for_socket(&state, self.socket.feed(message)).await;
+        // Disjoint fields: the state is read while the socket is written, with no clone per frame.
+        let written = wait_for_socket(&self.state, self.socket.feed(message)).await;
         self.outcome(written)
     }
 
     async fn flush(&mut self) -> Result<(), End> {
-        let state = self.state.clone();
-        let written = wait_for_socket(&state, self.socket.flush()).await;
+        let written = wait_for_socket(&self.state, self.socket.flush()).await;
         self.outcome(written)
     }
 
