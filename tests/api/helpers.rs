@@ -105,17 +105,7 @@ impl TestApp {
 
     /// Polls `/readyz` until it answers 200: the broker is connected and the exchange declared.
     pub async fn wait_until_ready(&self) {
-        within("the app to report ready (is RabbitMQ running at 127.0.0.1:5672?)", async {
-            loop {
-                if let Ok(r) = self.http.get(self.url("/readyz")).send().await
-                    && r.status() == 200
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
+        wait_until_ready(&self.http, self.addr).await;
     }
 
     pub async fn post_json(&self, body: Value) -> reqwest::Response {
@@ -197,6 +187,21 @@ impl TestApp {
     pub async fn connect_since(&self, since: &str) -> WsClient {
         connect_path(self.addr, &format!("/ws?since={since}")).await
     }
+}
+
+/// Polls the app at `addr` until `/readyz` answers 200, within the tests' bound.
+pub async fn wait_until_ready(http: &reqwest::Client, addr: SocketAddr) {
+    within("the app to report ready (is RabbitMQ running at 127.0.0.1:5672?)", async {
+        loop {
+            if let Ok(r) = http.get(format!("http://{addr}/readyz")).send().await
+                && r.status() == 200
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 }
 
 /// Opens a WebSocket session on the app at `addr` and waits for its welcome frame.

@@ -37,6 +37,14 @@ async fn slowest_round_trip(app: &AppProcess) -> Duration {
     slowest
 }
 
+/// Reports the figures, then checks them: resident memory under [`RSS_BOUND`] at its peak, and a
+/// normal session's round trip under [`ROUND_TRIP_BOUND`].
+fn within_budgets(before: u64, peak: u64, slowest: Duration) {
+    println!("RSS {:.1} MiB before, peak {:.1} MiB; slowest round trip {slowest:?}", mib(before), mib(peak));
+    assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
+    assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
+}
+
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / f64::from(1 << 20)
 }
@@ -101,9 +109,7 @@ async fn forty_clients_asking_for_big_pages_and_never_reading_them_do_not_pin_me
         (slowest_round_trip(&app).await, hostile)
     })
     .await;
-    println!("RSS {:.1} MiB before, peak {:.1} MiB; slowest round trip {slowest:?}", mib(before), mib(peak));
-    assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
-    assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
+    within_budgets(before, peak, slowest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -131,9 +137,7 @@ async fn thirty_sessions_resuming_from_before_the_window_and_never_reading_do_no
         (slowest_round_trip(&app).await, hostile)
     })
     .await;
-    println!("RSS {:.1} MiB before, peak {:.1} MiB; slowest round trip {slowest:?}", mib(before), mib(peak));
-    assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
-    assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
+    within_budgets(before, peak, slowest);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -150,9 +154,7 @@ async fn two_hundred_stalled_sessions_under_a_flood_of_large_messages_do_not_pin
         slowest_round_trip(&app).await
     })
     .await;
-    println!("RSS {:.1} MiB before, peak {:.1} MiB; slowest round trip {slowest:?}", mib(before), mib(peak));
-    assert!(peak < RSS_BOUND, "peak RSS {:.1} MiB (from {:.1} MiB)", mib(peak), mib(before));
-    assert!(slowest < ROUND_TRIP_BOUND, "a normal session waited {slowest:?}");
+    within_budgets(before, peak, slowest);
     drop(stalled);
 }
 

@@ -11,14 +11,13 @@ use std::{
 
 use serde_json::{Value, json};
 
-use crate::helpers::{WAIT, WsClient, connect_path, unique_exchange, within};
+use crate::helpers::{WAIT, WsClient, connect_path, unique_exchange, wait_until_ready, within};
 
 /// One running app process. Killed (by its PID) when dropped.
 pub struct AppProcess {
     child: Child,
     pub addr: SocketAddr,
     pub http: reqwest::Client,
-    pub exchange: String,
     log: Arc<Mutex<String>>,
 }
 
@@ -27,17 +26,7 @@ impl AppProcess {
     /// defaults and `env`, and waits until it is ready.
     pub async fn start(env: &[(&str, &str)]) -> Self {
         let app = Self::spawn(env).await;
-        within("the app process to be ready", async {
-            loop {
-                if let Ok(r) = app.http.get(app.url("/readyz")).send().await
-                    && r.status() == 200
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-        .await;
+        wait_until_ready(&app.http, app.addr).await;
         app
     }
 
@@ -66,8 +55,11 @@ impl AppProcess {
         let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                kept.lock().unwrap().push_str(&line);
-                kept.lock().unwrap().push('\n');
+                {
+                    let mut kept = kept.lock().unwrap();
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
                 let Ok(event) = serde_json::from_str::<Value>(&line) else { continue };
                 if event["message"] == "listening"
                     && let Some(addr) = event["addr"].as_str().and_then(|a| a.parse::<SocketAddr>().ok())
@@ -77,13 +69,7 @@ impl AppProcess {
             }
         });
         let port = port.recv_timeout(WAIT).expect("the app to log the port it listens on");
-        Self {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            http: reqwest::Client::new(),
-            exchange,
-            log,
-        }
+        Self { child, addr: SocketAddr::from(([127, 0, 0, 1], port)), http: reqwest::Client::new(), log }
     }
 
     /// Everything it has logged so far.
