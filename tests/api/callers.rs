@@ -10,7 +10,7 @@ use fanout_chat::{
 };
 use futures_util::future::join_all;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::{self, client::IntoClientRequest, http::HeaderValue};
+use tokio_tungstenite::tungstenite::{client::IntoClientRequest, http::HeaderValue};
 
 use crate::helpers::{
     AMQP_HOST, AMQP_PORT, TestApp, metric, rabbitmqctl, spawn_app_with, unique_exchange, within,
@@ -39,21 +39,11 @@ async fn post_with(app: &TestApp, header: (&str, &str), body: Value) -> reqwest:
     .unwrap()
 }
 
-/// The status of a WebSocket handshake sent with `Origin: origin`, and the body of a refusal.
-async fn upgrade_from_origin(app: &TestApp, origin: &str) -> (u16, String) {
+/// The status of a WebSocket handshake sent with `Origin: origin`.
+async fn upgrade_from_origin(app: &TestApp, origin: &str) -> u16 {
     let mut request = format!("ws://{}/ws", app.addr).into_client_request().unwrap();
     request.headers_mut().insert("origin", HeaderValue::from_str(origin).unwrap());
-    match within("a WebSocket handshake", tokio_tungstenite::connect_async(request)).await {
-        Ok((mut ws, response)) => {
-            let _ = ws.close(None).await;
-            (response.status().as_u16(), String::new())
-        }
-        Err(tungstenite::Error::Http(response)) => {
-            let body = response.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
-            (response.status().as_u16(), body.unwrap_or_default())
-        }
-        Err(e) => panic!("handshake failed: {e}"),
-    }
+    crate::helpers::handshake_status(request).await
 }
 
 /// This app's session queues on the broker (its replica's queues but its overflow queue).
@@ -203,7 +193,7 @@ async fn a_keyless_service_posting_50_per_second_for_5_seconds_gets_no_429() {
 async fn a_page_of_another_site_gets_403_and_nothing_is_opened_or_published() {
     let app = spawn_app_with(defaults()).await;
     let mut session = app.connect().await;
-    let (status, _) = upgrade_from_origin(&app, "http://evil.example").await;
+    let status = upgrade_from_origin(&app, "http://evil.example").await;
     assert_eq!(status, 403);
     let response =
         post_with(&app, ("origin", "http://evil.example"), json!({ "text": "posted by another site" })).await;
@@ -221,7 +211,7 @@ async fn a_page_of_another_site_gets_403_and_nothing_is_opened_or_published() {
 async fn the_pages_own_origin_no_origin_and_listed_origins_are_accepted() {
     let app = spawn_app_with(defaults()).await;
     let own = format!("http://{}", app.addr);
-    assert_eq!(upgrade_from_origin(&app, &own).await.0, 101);
+    assert_eq!(upgrade_from_origin(&app, &own).await, 101);
     assert_eq!(post_with(&app, ("origin", &own), json!({ "text": "from the page" })).await.status(), 202);
     assert_eq!(
         app.post_json(json!({ "text": "from curl" })).await.status(),
@@ -233,9 +223,9 @@ async fn the_pages_own_origin_no_origin_and_listed_origins_are_accepted() {
     let mut config = defaults();
     config.access.allowed_origins = AllowedOrigins::read(Some("https://chat.example.com")).unwrap();
     let app = spawn_app_with(config).await;
-    assert_eq!(upgrade_from_origin(&app, "https://chat.example.com").await.0, 101);
-    assert_eq!(upgrade_from_origin(&app, &format!("http://{}", app.addr)).await.0, 101, "and the page's own");
-    assert_eq!(upgrade_from_origin(&app, "https://ops.example.com").await.0, 403, "but no other");
+    assert_eq!(upgrade_from_origin(&app, "https://chat.example.com").await, 101);
+    assert_eq!(upgrade_from_origin(&app, &format!("http://{}", app.addr)).await, 101, "and the page's own");
+    assert_eq!(upgrade_from_origin(&app, "https://ops.example.com").await, 403, "but no other");
     app.stop().await;
 
     // Behind a trusted proxy, the page's origin is the host the proxy was asked for; from
@@ -260,6 +250,6 @@ async fn the_pages_own_origin_no_origin_and_listed_origins_are_accepted() {
     let mut config = defaults();
     config.access.allowed_origins = AllowedOrigins::Any;
     let app = spawn_app_with(config).await;
-    assert_eq!(upgrade_from_origin(&app, "http://anywhere.example").await.0, 101);
+    assert_eq!(upgrade_from_origin(&app, "http://anywhere.example").await, 101);
     app.stop().await;
 }

@@ -209,6 +209,20 @@ pub async fn connect_to(addr: impl std::fmt::Display) -> WsClient {
     connect_path(addr, "/ws").await
 }
 
+/// The status of a WebSocket handshake (101 when it opened, then closed at once).
+pub async fn handshake_status(
+    request: impl tokio_tungstenite::tungstenite::client::IntoClientRequest + Unpin,
+) -> u16 {
+    match within("a WebSocket handshake", tokio_tungstenite::connect_async(request)).await {
+        Ok((mut ws, response)) => {
+            let _ = ws.close(None).await;
+            response.status().as_u16()
+        }
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(e) => panic!("handshake failed: {e}"),
+    }
+}
+
 /// Opens a WebSocket session at `path` (with its query) and waits for its welcome frame.
 pub async fn connect_path(addr: impl std::fmt::Display, path: &str) -> WsClient {
     let (stream, _) =

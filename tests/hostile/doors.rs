@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, net::IpAddr};
 
 use futures_util::SinkExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::{
     helpers::{BusKind, TestApp, spawn_app_with, test_config, within},
@@ -63,14 +63,7 @@ async fn two_thousand_upgrades_from_one_address_are_mostly_refused_and_declare_f
     let mut statuses: BTreeMap<u16, usize> = BTreeMap::new();
     let started = std::time::Instant::now();
     for _ in 0..2000 {
-        let status = match within("a handshake", tokio_tungstenite::connect_async(url.as_str())).await {
-            Ok((mut ws, response)) => {
-                let _ = ws.close(None).await;
-                response.status().as_u16()
-            }
-            Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
-            Err(e) => panic!("handshake failed: {e}"),
-        };
+        let status = crate::helpers::handshake_status(url.as_str()).await;
         *statuses.entry(status).or_default() += 1;
     }
     let took = started.elapsed();
