@@ -21,7 +21,7 @@ mod vars;
 use std::time::Duration;
 
 pub use access::{AllowedOrigins, ApiKeys};
-pub use rabbit::{FanoutMode, RabbitConfig, StreamConfig};
+pub use rabbit::{Endpoint, FanoutMode, RabbitConfig, StreamConfig};
 pub use vars::{ConfigError, Secret};
 use vars::{Env, boolean, parse, ranged, secs};
 

@@ -36,6 +36,13 @@ pub struct Metrics {
     /// Milliseconds from noticing the last broker loss to being ready again.
     pub broker_last_outage_ms: AtomicU64,
     pub resubscribes: AtomicU64,
+    /// Consumer connections (the ones that carry sessions) up now, and lost so far.
+    pub consumer_connections_up: AtomicI64,
+    pub consumer_connection_losses: AtomicU64,
+    /// Publishes sent again on a new link because the confirm was lost with the old one.
+    pub republished: AtomicU64,
+    /// Copies a session (or the process queue) received twice and dropped (a republish).
+    pub duplicates_dropped: AtomicU64,
     /// Requests refused for an `Authorization` header that is not a valid API key.
     auth_failures: AtomicU64,
     /// Browser requests refused for their `Origin`.
@@ -94,7 +101,7 @@ impl Metrics {
     /// The Prometheus text exposition of every figure.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 14] = [
+        let counters: [(&str, &str, &AtomicU64); 17] = [
             (
                 "fanout_chat_auth_failures_total",
                 "requests refused (401) for an Authorization header that is not a valid API key",
@@ -153,6 +160,21 @@ impl Metrics {
                 "session queues and consumers re-created after a broker or channel failure",
                 &self.resubscribes,
             ),
+            (
+                "fanout_chat_consumer_connection_losses_total",
+                "consumer connections lost (only their sessions are interrupted)",
+                &self.consumer_connection_losses,
+            ),
+            (
+                "fanout_chat_republished_total",
+                "publishes sent again, with the same message id, after their connection was lost before the confirm",
+                &self.republished,
+            ),
+            (
+                "fanout_chat_duplicates_dropped_total",
+                "copies of a message id already delivered, dropped instead of shown twice",
+                &self.duplicates_dropped,
+            ),
         ];
         for (name, help, value) in counters {
             let _ =
@@ -168,9 +190,14 @@ impl Metrics {
             let _ = writeln!(out, "{name}{{key=\"{key}\",result=\"published\"}} {}", counts.published);
             let _ = writeln!(out, "{name}{{key=\"{key}\",result=\"refused\"}} {}", counts.refused);
         }
-        let gauges: [(&str, &str, &AtomicI64); 2] = [
+        let gauges: [(&str, &str, &AtomicI64); 3] = [
             ("fanout_chat_sessions_open", "WebSocket sessions open now", &self.sessions_open),
             ("fanout_chat_broker_ready", "1 when the bus can publish, else 0", &self.broker_ready),
+            (
+                "fanout_chat_consumer_connections_up",
+                "broker connections carrying sessions that are up now",
+                &self.consumer_connections_up,
+            ),
         ];
         for (name, help, value) in gauges {
             let _ =

@@ -131,6 +131,11 @@ impl History {
         self.0.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The window holds a message with this key (see [`crate::bus::Frame::key`]).
+    pub fn holds_key(&self, key: u64) -> bool {
+        self.window().by_key.contains_key(&key)
+    }
+
     /// Adds a message at the end, dropping the oldest past the capacity.
     pub fn append(&self, new: NewEntry) {
         if self.0.capacity == 0 {

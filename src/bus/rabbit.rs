@@ -1,9 +1,13 @@
 //! The RabbitMQ backend: a durable fanout exchange, and one exclusive queue per session.
 //!
 //! A supervisor task owns the broker *link*: one connection for publishing (confirm mode) and
-//! a few for consuming, so that flow control on the publishing side never stalls delivery.
-//! It connects with capped exponential backoff and jitter, declares the exchange, publishes
-//! the link for everyone to use, and starts over when any of its connections fails.
+//! one for the replica's own consumers (overflow, history stream), so that flow control on the
+//! publishing side never stalls delivery. It connects with capped exponential backoff and
+//! jitter, declares the exchange, publishes the link for everyone to use, and starts over when
+//! either connection fails. The sessions are on `consumer_connections` other connections, the
+//! *lanes*, each with a supervisor of its own: a lost connection interrupts only its sessions.
+//! Each new connection goes to the next broker address (several hosts, or a name that resolves
+//! to several), so a replica's connections spread over a cluster's nodes.
 //!
 //! Session consumers share channels (`sessions_per_channel` each, `channels_per_connection`
 //! per connection): RabbitMQ allows 2047 channels per connection by default and recommends far
@@ -14,7 +18,9 @@
 //!
 //! The files, one idea each:
 //! - this one: [`RabbitBus`], the state its parts share, and waiting for a link;
+//! - [`address`]: which broker address each new connection goes to;
 //! - [`link`]: the supervisor: connect, back off, declare, notice a lost link, reconnect;
+//! - [`lanes`]: the consumer connections that carry the sessions, each supervised on its own;
 //! - [`declare`]: the exchange and the exclusive, bound queues, and telling a refused
 //!   declare (a channel error) from a lost connection;
 //! - [`channels`]: the consumer channels that sessions share, and a session's place on one;
@@ -34,10 +40,12 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle};
 use tokio_util::sync::CancellationToken;
 
+mod address;
 mod channels;
 mod codec;
 mod declare;
 mod history_reads;
+mod lanes;
 mod link;
 mod overflow;
 mod process;
@@ -49,7 +57,9 @@ pub use history_reads::HISTORY_FILL_WAIT;
 pub use session::RabbitSubscription;
 
 use self::{
+    address::Addresses,
     history_reads::{REPLAY_BUDGET_KIB, STREAM_READS},
+    lanes::{Lanes, supervise_lane},
     link::{Link, LinkState, supervise},
     session::SessionEntry,
 };
@@ -73,11 +83,17 @@ struct Shared {
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     link: watch::Receiver<LinkState>,
-    supervisor: std::sync::Mutex<Option<JoinHandle<()>>>,
+    /// Where new connections go.
+    addresses: Addresses,
+    /// When the link was lost, while it is down (see [`publish`]).
+    down_since: std::sync::Mutex<Option<std::time::Instant>>,
+    /// The consumer connections that carry the sessions (none in `process` mode).
+    lanes: Lanes,
+    /// The link's supervisor and the lanes'.
+    supervisors: std::sync::Mutex<Vec<JoinHandle<()>>>,
     /// In `process` fan-out mode: hands the process queue's messages to the sessions.
     local: Option<MemoryBus>,
-    /// Every open session, by its first queue name: what its full queue dropped, and which
-    /// link its queue is bound on.
+    /// Every open session, by its first queue name: what its full queue dropped.
     sessions: std::sync::Mutex<HashMap<String, Arc<SessionEntry>>>,
     /// The window of recent messages, filled from the history stream (capacity 0: no stream).
     history: History,
@@ -110,7 +126,11 @@ impl RabbitBus {
         let (sender, link) = watch::channel(LinkState::Down("connecting to the broker".into()));
         let local = (config.fanout == FanoutMode::Process)
             .then(|| MemoryBus::new(session_buffer, None, metrics.clone()));
+        let lanes = if local.is_some() { 0 } else { config.consumer_connections };
         let shared = Arc::new(Shared {
+            addresses: Addresses::new(&config),
+            down_since: std::sync::Mutex::new(None),
+            lanes: Lanes::new(lanes),
             history_filled: watch::Sender::new(history.capacity() == 0),
             history,
             stream_next: std::sync::Mutex::new(None),
@@ -124,13 +144,12 @@ impl RabbitBus {
             metrics,
             shutdown,
             link,
-            supervisor: std::sync::Mutex::new(None),
+            supervisors: std::sync::Mutex::new(Vec::new()),
             sessions: std::sync::Mutex::new(HashMap::new()),
         });
-        let handle = tokio::spawn(supervise(shared.clone(), sender));
-        if let Ok(mut slot) = shared.supervisor.lock() {
-            *slot = Some(handle);
-        }
+        let mut handles = vec![tokio::spawn(supervise(shared.clone(), sender))];
+        handles.extend((0..lanes).map(|lane| tokio::spawn(supervise_lane(shared.clone(), lane))));
+        *shared.supervisors.lock().unwrap_or_else(|p| p.into_inner()) = handles;
         Self(shared)
     }
 
@@ -138,7 +157,11 @@ impl RabbitBus {
         self.ready_link().map(drop).map_err(|e| match e {
             BusError::Unavailable(reason) => reason,
             other => other.to_string(),
-        })
+        })?;
+        if self.0.local.is_none() && self.0.lanes.up() == 0 {
+            return Err("no consumer connection to the broker is up: sessions cannot be served".into());
+        }
+        Ok(())
     }
 
     /// The link, if publishing is allowed on it now.
@@ -147,7 +170,7 @@ impl RabbitBus {
         if link.ready.load(Relaxed) {
             Ok(link)
         } else {
-            Err(BusError::Unavailable("re-creating the open sessions' queues after a reconnect".into()))
+            Err(BusError::Unavailable("filling the history window from the stream".into()))
         }
     }
 
@@ -178,9 +201,7 @@ impl RabbitBus {
     }
 
     pub async fn close(&self) {
-        let handle = self.0.supervisor.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle {
-            let _ = handle.await;
-        }
+        let handles = std::mem::take(&mut *self.0.supervisors.lock().unwrap_or_else(|p| p.into_inner()));
+        futures_util::future::join_all(handles).await;
     }
 }

@@ -9,9 +9,10 @@ use super::vars::{ConfigError, Env, Secret, boolean, parse, port, positive, rang
 /// Where and how to reach RabbitMQ; present only when `NOTIFIER_RABBITMQ_HOST` is set.
 #[derive(Clone, Debug)]
 pub struct RabbitConfig {
-    /// `NOTIFIER_RABBITMQ_HOST`.
+    /// `NOTIFIER_RABBITMQ_HOST`: one broker host, or several separated by commas, each with an
+    /// optional `:port` (`a,b:5682,c`); see [`RabbitConfig::endpoints`].
     pub host: String,
-    /// `NOTIFIER_RABBITMQ_PORT` (default `5672`).
+    /// `NOTIFIER_RABBITMQ_PORT` (default `5672`): the port of every host that names none.
     pub port: u16,
     /// `NOTIFIER_RABBITMQ_USER` (default `guest`).
     pub user: String,
@@ -76,7 +77,87 @@ pub enum FanoutMode {
     Process,
 }
 
+/// One broker address as configured: a host name or IP address, and a port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// `NOTIFIER_RABBITMQ_HOST` split into addresses: `a`, `a:5682`, `10.0.0.1`, `[::1]:5682`,
+/// separated by commas; a host without a port gets `default_port`.
+pub fn parse_endpoints(hosts: &str, default_port: u16) -> Result<Vec<Endpoint>, String> {
+    let mut endpoints = Vec::new();
+    for item in hosts.split(',').map(str::trim) {
+        if item.is_empty() {
+            return Err("expected host names separated by commas, found an empty one".into());
+        }
+        let (host, port) = if let Some(rest) = item.strip_prefix('[') {
+            // [IPv6] or [IPv6]:port
+            let (ip, after) = rest.split_once(']').ok_or_else(|| format!("{item:?}: missing ']'"))?;
+            match after {
+                "" => (ip, None),
+                _ => (
+                    ip,
+                    Some(
+                        after
+                            .strip_prefix(':')
+                            .ok_or_else(|| format!("{item:?}: expected :port after ']'"))?,
+                    ),
+                ),
+            }
+        } else if item.matches(':').count() > 1 {
+            (item, None) // a bare IPv6 address
+        } else {
+            match item.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (item, None),
+            }
+        };
+        let port = match port {
+            None => default_port,
+            Some(p) => p
+                .parse::<u16>()
+                .ok()
+                .filter(|&p| p > 0)
+                .ok_or_else(|| format!("{item:?}: the port must be a number from 1 to 65535"))?,
+        };
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && (host.parse::<std::net::IpAddr>().is_ok()
+                || host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.' || b == b'_'));
+        if !valid_name {
+            return Err(format!("{item:?}: expected a host name or an IP address"));
+        }
+        let endpoint = Endpoint { host: host.to_owned(), port };
+        if !endpoints.contains(&endpoint) {
+            endpoints.push(endpoint);
+        }
+    }
+    Ok(endpoints)
+}
+
 impl RabbitConfig {
+    /// The broker addresses to connect to, in the order configured: each new connection takes
+    /// the next (see `bus::rabbit::address`). A name that resolves to several addresses (a
+    /// headless Service) counts as several.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        // Checked when the configuration was read; a value set in code (tests) that does not
+        // parse is taken as one host.
+        parse_endpoints(&self.host, self.port)
+            .unwrap_or_else(|_| vec![Endpoint { host: self.host.clone(), port: self.port }])
+    }
+
     /// The most sessions one process can hold with these settings.
     pub fn session_capacity(&self) -> usize {
         self.sessions_per_channel * self.channels_per_connection * self.consumer_connections
@@ -147,7 +228,11 @@ impl RabbitConfig {
             Some(host) if host.is_empty() => Err(ConfigError(
                 "NOTIFIER_RABBITMQ_HOST=\"\": expected a host name (unset it to use the embedded bus)".into(),
             )),
-            Some(host) => Ok(Some(RabbitConfig { host, ..rabbit })),
+            Some(host) => {
+                parse_endpoints(&host, rabbit.port)
+                    .map_err(|e| ConfigError(format!("NOTIFIER_RABBITMQ_HOST={host:?}: {e}")))?;
+                Ok(Some(RabbitConfig { host, ..rabbit }))
+            }
         }
     }
 }
@@ -237,6 +322,26 @@ mod tests {
         assert!(!r.tls);
         assert_eq!(r.exchange, "chat");
         assert!(r.session_capacity() >= 5000, "defaults must hold 5,000 sessions");
+    }
+
+    #[test]
+    fn several_broker_hosts_each_with_an_optional_port() {
+        use super::{Endpoint, parse_endpoints};
+        let e = |h: &str, p| Endpoint { host: h.into(), port: p };
+        assert_eq!(parse_endpoints("rabbit.svc", 5672).unwrap(), vec![e("rabbit.svc", 5672)]);
+        assert_eq!(
+            parse_endpoints(" a , b:5682,10.0.0.3,[::1]:5700,::2 ", 5671).unwrap(),
+            vec![e("a", 5671), e("b", 5682), e("10.0.0.3", 5671), e("::1", 5700), e("::2", 5671)]
+        );
+        assert_eq!(parse_endpoints("a,a:5672", 5672).unwrap(), vec![e("a", 5672)], "duplicates once");
+        assert_eq!(e("::1", 5672).to_string(), "[::1]:5672");
+        let cfg =
+            parse(&[("NOTIFIER_RABBITMQ_HOST", "a,b:5682"), ("NOTIFIER_RABBITMQ_PORT", "5681")]).unwrap();
+        assert_eq!(cfg.rabbitmq.unwrap().endpoints(), vec![e("a", 5681), e("b", 5682)]);
+        for bad in ["a,,b", "a:0", "a:99999", "a:x", "a b", "[::1", "[::1]5672", ","] {
+            let err = parse(&[("NOTIFIER_RABBITMQ_HOST", bad)]).unwrap_err().to_string();
+            assert!(err.contains("NOTIFIER_RABBITMQ_HOST"), "{bad}: {err}");
+        }
     }
 
     #[test]

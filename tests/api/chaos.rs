@@ -34,6 +34,9 @@ const UPSTREAM_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum Mode {
     /// Bytes flow both ways.
     Forward,
+    /// Bytes from the client reach the server; nothing comes back until the mode changes (a
+    /// confirm lost on its way).
+    Deaf,
     /// Connections stay open; no byte moves until the mode changes.
     Stall,
     /// Every connection is closed; new ones are closed as soon as they are accepted.
@@ -113,6 +116,16 @@ impl ChaosProxy {
         self.set_connection(index, Mode::Stall).await;
     }
 
+    /// Lets the `index`th connection's bytes reach the server, but none come back.
+    pub async fn deafen_connection(&self, index: usize) {
+        self.set_connection(index, Mode::Deaf).await;
+    }
+
+    /// Closes the `index`th connection (both sockets), as a node that went away would.
+    pub async fn cut_connection(&self, index: usize) {
+        self.set_connection(index, Mode::Cut).await;
+    }
+
     pub async fn restore_connection(&self, index: usize) {
         self.set_connection(index, Mode::Forward).await;
     }
@@ -175,8 +188,9 @@ async fn combine(
 ) {
     let strictness = |m: Mode| match m {
         Mode::Forward => 0,
-        Mode::Stall => 1,
-        Mode::Cut => 2,
+        Mode::Deaf => 1,
+        Mode::Stall => 2,
+        Mode::Cut => 3,
     };
     loop {
         let (p, o) = (*proxy.borrow_and_update(), *own.borrow_and_update());
@@ -226,8 +240,8 @@ async fn proxy_connection(
     // Either direction ending (EOF, error, cut, proxy dropped) ends both: the sockets are
     // dropped together, as a broken link would be.
     tokio::select! {
-        () = pump(client_read, server_write, mode.clone()) => {}
-        () = pump(server_read, client_write, mode.clone()) => {}
+        () = pump(client_read, server_write, mode.clone(), false) => {}
+        () = pump(server_read, client_write, mode.clone(), true) => {}
     }
 }
 
@@ -236,10 +250,11 @@ async fn until_cut(mode: &mut watch::Receiver<Mode>) {
     let _ = mode.wait_for(|m| *m == Mode::Cut).await;
 }
 
-/// Waits until bytes may flow: `true` in `Forward`, `false` once cut or dropped.
-async fn may_forward(mode: &mut watch::Receiver<Mode>) -> bool {
-    match mode.wait_for(|m| *m != Mode::Stall).await {
-        Ok(m) => *m == Mode::Forward,
+/// Waits until bytes may flow (`Deaf` lets only the client's through): `true` then, `false`
+/// once cut or dropped.
+async fn may_forward(mode: &mut watch::Receiver<Mode>, to_client: bool) -> bool {
+    match mode.wait_for(|m| *m != Mode::Stall && !(to_client && *m == Mode::Deaf)).await {
+        Ok(m) => *m != Mode::Cut,
         Err(_) => false,
     }
 }
@@ -251,10 +266,11 @@ async fn pump(
     mut from: impl AsyncReadExt + Unpin,
     mut to: impl AsyncWriteExt + Unpin,
     mut mode: watch::Receiver<Mode>,
+    to_client: bool,
 ) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        if !may_forward(&mut mode).await {
+        if !may_forward(&mut mode, to_client).await {
             return;
         }
         let read = tokio::select! {
@@ -269,7 +285,7 @@ async fn pump(
             Ok(n) => &buffer[..n],
         };
         while !pending.is_empty() {
-            if !may_forward(&mut mode).await {
+            if !may_forward(&mut mode, to_client).await {
                 return;
             }
             let written = tokio::select! {

@@ -161,7 +161,7 @@ async fn cutting_the_broker_link_interrupts_then_restores_every_open_session() {
     let app = spawn_app_with(config).await;
     let mut sessions = vec![app.connect().await, app.connect().await, app.connect().await];
     let consumers = app.config.rabbitmq.as_ref().unwrap().consumer_connections;
-    assert_eq!(proxy.live(), consumers + 1, "every broker connection of the app goes through the proxy");
+    assert_eq!(proxy.live(), consumers + 2, "every broker connection of the app goes through the proxy");
 
     proxy.cut().await;
     for session in &mut sessions {
@@ -187,7 +187,17 @@ async fn cutting_the_broker_link_interrupts_then_restores_every_open_session() {
         expect_notice(session, "restored", WAIT).await;
     }
     wait_for_readyz(&app, 200, WAIT).await;
-    assert_eq!(proxy.forwarded() as usize, 2 * (consumers + 1), "one new link, made through the proxy");
+    within("every consumer connection to be up again", async {
+        while metric(&app, "fanout_chat_consumer_connections_up").await != consumers as f64 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(
+        proxy.forwarded() as usize,
+        2 * (consumers + 2),
+        "each connection made again once, through the proxy"
+    );
     let first = app.post_text("after the cut").await;
     let second = app.post_text("and one more").await;
     for session in &mut sessions {
@@ -300,7 +310,11 @@ async fn a_link_silent_past_the_heartbeat_is_declared_dead_and_rebuilt_after_the
     }
     let (status, body, took) = post_bounded(&app, "while the link is dead", WAIT).await;
     assert_eq!(status, 503, "{body}");
-    assert!(took < Duration::from_millis(500), "a known-dead link refuses at once: {took:?}");
+    // Lost a moment ago: the POST waits for a new link within its bound, then gives up.
+    assert!(
+        took < PUBLISH_TIMEOUT + Duration::from_millis(500),
+        "refused within the publish bound: {took:?}"
+    );
 
     proxy.restore().await;
     for session in &mut sessions {
@@ -811,5 +825,58 @@ async fn in_process_mode_what_the_process_queue_drops_is_told_to_every_session()
         );
         eprintln!("{missed} missed, told in {notices} gap notices; {} received", received.len());
     }
+    app.stop().await;
+}
+
+/// A publish whose confirm is lost with its connection (the broker routed it, then the node
+/// went away before the confirm came back) is sent again on the next link with the same id:
+/// the POST is accepted, and every session and the history show the message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_whose_confirm_is_lost_with_its_connection_is_sent_again_and_shown_once() {
+    let proxy = ChaosProxy::start(main_broker()).await;
+    let mut config = proxied_config(&proxy);
+    // Room for the link to be rebuilt within the POST's bound.
+    config.rabbitmq.as_mut().unwrap().publish_timeout = Duration::from_secs(5);
+    let app = spawn_app_with(config).await;
+    let mut sessions = vec![app.connect().await, app.connect().await];
+    // The publishing connection is the first the app opens: the broker gets what it sends,
+    // nothing comes back, so the confirm of the next publish is lost.
+    proxy.deafen_connection(0).await;
+    const TEXT: &str = "confirm lost on the way";
+    let posting = {
+        let (http, url) = (app.http.clone(), app.url("/messages"));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let response = http.post(url).json(&json!({ "text": TEXT })).send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap(), started.elapsed())
+        })
+    };
+    // The broker routed it: every session has it while the POST still waits for its confirm.
+    for session in &mut sessions {
+        let frame = next_frame_within(session, WAIT, "the first copy").await;
+        assert_eq!(frame["text"], TEXT, "{frame}");
+    }
+    assert!(!posting.is_finished(), "the POST waits for the confirm");
+    proxy.cut_connection(0).await;
+    let (status, envelope, took) = within("the POST to be answered", posting).await.unwrap();
+    assert_eq!(status, 202, "published again on the new link and confirmed: {envelope}");
+    assert!(took < Duration::from_secs(5), "within the POST's bound: {took:?}");
+
+    let after = app.post_text("after the republish").await;
+    let after_id = after["id"].as_str().unwrap();
+    for session in &mut sessions {
+        let frames = frames_until(session, after_id).await;
+        assert!(
+            frames.iter().all(|f| f["text"] != TEXT && f["type"] != "interrupted"),
+            "no second copy and no interruption (only the publishing connection was lost): {frames:?}"
+        );
+    }
+    let history = app.history("?limit=50").await;
+    let copies = history["messages"].as_array().unwrap().iter().filter(|m| m["text"] == TEXT).count();
+    assert_eq!(copies, 1, "once in the history: {history}");
+    assert!(metric(&app, "fanout_chat_republished_total").await >= 1.0);
+    // Two sessions and the history window each got the second copy, and dropped it.
+    assert!(metric(&app, "fanout_chat_duplicates_dropped_total").await >= 3.0);
     app.stop().await;
 }

@@ -150,7 +150,7 @@ async fn sigterm_closes_sessions_with_1001_removes_their_queues_and_exits_0() {
             .filter(|l| l.contains(&replica))
             .count()
     };
-    assert_eq!(connections(), 5, "one publishing and four consumer connections");
+    assert_eq!(connections(), 6, "publishing, the replica's own consumers, and four consumer connections");
 
     let signalled = Instant::now();
     running.signal("TERM");

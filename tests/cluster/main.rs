@@ -379,6 +379,7 @@ async fn a_rolling_restart_under_posts_delivers_every_accepted_message_to_every_
         refused.len(),
         100.0 * refused.len() as f64 / total.max(1) as f64
     );
+    assert!(refused.is_empty(), "no POST refused: a publish rides through its node's restart: {refused:?}");
     for replica in replicas {
         replica.stop_keeping_broker_state().await;
     }
@@ -511,4 +512,121 @@ async fn a_replica_cut_off_from_its_node_loses_and_repeats_nothing_once_the_netw
     }
     cut_off.stop_keeping_broker_state().await;
     stay.stop().await;
+}
+
+/// The three nodes, named directly in `NOTIFIER_RABBITMQ_HOST`.
+fn all_nodes() -> String {
+    NODES.iter().map(|port| format!("127.0.0.1:{port}")).collect::<Vec<_>>().join(",")
+}
+
+/// A replica that names the three nodes itself (no Service in front), with `consumers`
+/// consumer connections.
+async fn replica_naming_the_nodes(exchange: &str, consumers: usize) -> TestApp {
+    let mut config =
+        helpers::test_config(helpers::BusKind::Memory).with_rabbitmq(&all_nodes(), NODES[0], exchange);
+    config.replica = format!("cluster-all-{}", &ulid::Ulid::new().to_string()[16..]);
+    config.rabbitmq.as_mut().unwrap().consumer_connections = consumers;
+    spawn_app_with(config).await
+}
+
+/// `rabbitmqctl` on node 1, whose answers cover the whole cluster.
+fn rabbitmqctl(args: &[&str]) -> String {
+    let node = format!("fanout-cluster-1@{}", hostname());
+    let output =
+        Command::new("rabbitmqctl").args(["-n", &node, "-q"]).args(args).output().expect("rabbitmqctl");
+    assert!(output.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// The node (1-3) of the number in a node name such as `fanout-cluster-2@host`.
+fn node_in(text: &str) -> Option<usize> {
+    let at = text.find("fanout-cluster-")? + "fanout-cluster-".len();
+    text[at..].chars().next()?.to_digit(10).map(|d| d as usize)
+}
+
+/// The node each of `replica`'s consumer connections is on, by the port it connected to.
+fn consumer_connection_nodes(replica: &str) -> Vec<usize> {
+    rabbitmqctl(&["list_connections", "port", "client_properties"])
+        .lines()
+        .filter(|l| l.contains(&format!("fanout-chat {replica} consume-")))
+        .map(|l| {
+            let port: u16 = l.split('\t').next().unwrap().trim().parse().unwrap();
+            NODES.iter().position(|&p| p == port).unwrap() + 1
+        })
+        .collect()
+}
+
+/// The node (1-3) the queue `queue` lives on: an exclusive queue is on its connection's node.
+fn queue_node(queue: &str) -> usize {
+    let listing = rabbitmqctl(&["list_queues", "name", "pid"]);
+    let line = listing
+        .lines()
+        .find(|l| l.split('\t').next() == Some(queue))
+        .unwrap_or_else(|| panic!("queue {queue} not found: {listing}"));
+    node_in(line).unwrap_or_else(|| panic!("no node in {line:?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn naming_three_nodes_spreads_three_consumer_connections_one_per_node() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    cluster_is_up();
+    let app = replica_naming_the_nodes(&unique_exchange(), 3).await;
+    let mut nodes = consumer_connection_nodes(&app.config.replica);
+    nodes.sort_unstable();
+    assert_eq!(nodes, vec![1, 2, 3], "one consumer connection per node");
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_loss_interrupts_only_the_sessions_on_it_and_they_move_to_another_node_within_ten_seconds() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    cluster_is_up();
+    let app = replica_naming_the_nodes(&unique_exchange(), 3).await;
+    let mut sessions = Vec::new();
+    for _ in 0..6 {
+        sessions.push(app.connect().await);
+    }
+    let before = app.post_text("before the stop").await;
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, before);
+    }
+    let nodes: Vec<usize> = sessions.iter().map(|s| queue_node(&s.queue())).collect();
+    let lost = nodes[0];
+    let on_lost = nodes.iter().filter(|&&n| n == lost).count();
+    assert!(on_lost < sessions.len(), "the sessions are spread over the nodes: {nodes:?}");
+
+    let stopped = Instant::now();
+    let node = StoppedNode::stop(lost);
+    // Accepted while the node is down, whichever node the replica published on.
+    let during = app.post_text("while a node is down").await;
+    let during = during["text"].as_str().unwrap().to_owned();
+    let mut interrupted = Vec::new();
+    for (session, node_of) in sessions.iter_mut().zip(&nodes) {
+        let mut seen = Seen::default();
+        read_until(session, &during, &mut seen, Duration::from_secs(10)).await;
+        assert!(seen.gaps.is_empty(), "no gap: {:?}", seen.gaps);
+        assert_eq!(seen.texts, vec![during.clone()], "the message sent meanwhile, once");
+        if !seen.interruptions.is_empty() {
+            interrupted.push(*node_of);
+        }
+    }
+    let restored = stopped.elapsed();
+    eprintln!(
+        "node {lost} stopped: {} of {} sessions interrupted (those on it: {on_lost}); \
+         all had the message sent meanwhile {restored:?} after the stop",
+        interrupted.len(),
+        sessions.len()
+    );
+    assert_eq!(
+        interrupted,
+        vec![lost; on_lost],
+        "only the sessions on node {lost} were interrupted: nodes {nodes:?}"
+    );
+    assert!(restored < Duration::from_secs(10), "restored {restored:?} after the stop");
+    node.start();
+    let after = app.post_text("after the node is back").await;
+    for session in &mut sessions {
+        assert_eq!(session.next_message().await, after, "nothing repeated, live again");
+    }
+    app.stop().await;
 }

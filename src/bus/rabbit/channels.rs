@@ -12,15 +12,15 @@ use std::sync::{
 
 use lapin::{Channel, ErrorKind, options::BasicQosOptions};
 
-use super::link::Link;
+use super::lanes::LaneLink;
 use crate::config::RabbitConfig;
 
 /// A consumer channel and its share of sessions.
 pub(super) struct Slot {
     pub(super) channel: Channel,
-    /// Index in `Link::connections` (consumer connections start at 1).
-    pub(super) connection: usize,
     sessions: AtomicUsize,
+    /// The sessions of the whole connection, which this slot's count is part of.
+    lane_sessions: Arc<AtomicUsize>,
 }
 
 /// Holds one session's place on a [`Slot`]; gives it back when dropped.
@@ -29,37 +29,37 @@ pub(super) struct SlotLease(pub(super) Arc<Slot>);
 impl Drop for SlotLease {
     fn drop(&mut self) {
         self.0.sessions.fetch_sub(1, Relaxed);
+        self.0.lane_sessions.fetch_sub(1, Relaxed);
     }
 }
 
-impl Link {
+impl LaneLink {
     /// A consumer channel with room for one more session, opening one when all are full.
     pub(super) async fn lease_slot(&self, config: &RabbitConfig) -> Result<SlotLease, lapin::Error> {
-        let link = self;
-        let mut pool = link.pool.lock().await;
+        let mut pool = self.pool.lock().await;
         pool.retain(|slot| slot.channel.status().connected());
+        let take = |slot: &Arc<Slot>| {
+            slot.sessions.fetch_add(1, Relaxed);
+            self.sessions.fetch_add(1, Relaxed);
+            SlotLease(slot.clone())
+        };
         if let Some(slot) = pool
             .iter()
             .filter(|slot| slot.sessions.load(Relaxed) < config.sessions_per_channel)
             .min_by_key(|slot| slot.sessions.load(Relaxed))
         {
-            slot.sessions.fetch_add(1, Relaxed);
-            return Ok(SlotLease(slot.clone()));
+            return Ok(take(slot));
         }
-        // Open a channel on the least loaded consumer connection that has room.
-        let connection = (1..link.connections.len())
-            .filter(|&c| link.connections[c].status().connected())
-            .map(|c| (c, pool.iter().filter(|s| s.connection == c).count()))
-            .filter(|&(_, channels)| channels < config.channels_per_connection)
-            .min_by_key(|&(_, channels)| channels)
-            .map(|(c, _)| c)
-            .ok_or_else(|| lapin::Error::from(ErrorKind::ChannelsLimitReached))?;
-        let channel = link.connections[connection].create_channel().await?;
+        if pool.len() >= config.channels_per_connection || !self.connection.status().connected() {
+            return Err(lapin::Error::from(ErrorKind::ChannelsLimitReached));
+        }
+        let channel = self.connection.create_channel().await?;
         // Per consumer (global = false): each session may have `prefetch` unacknowledged
         // deliveries. RabbitMQ 4 refuses global QoS.
         channel.basic_qos(config.prefetch, BasicQosOptions { global: false }).await?;
-        let slot = Arc::new(Slot { channel, connection, sessions: AtomicUsize::new(1) });
+        let slot =
+            Arc::new(Slot { channel, sessions: AtomicUsize::new(0), lane_sessions: self.sessions.clone() });
         pool.push(slot.clone());
-        Ok(SlotLease(slot))
+        Ok(take(&slot))
     }
 }

@@ -1,32 +1,33 @@
-//! The broker *link* and its supervisor: open the connections, declare what publishing needs,
-//! hand the link out, notice when it is lost, and reconnect with capped backoff and jitter.
+//! The broker *link* and its supervisor: the replica's two connections of its own (one that
+//! publishes and declares; one for the replica's own consumers: overflow counting, the history
+//! stream, the process queue), handed out, watched, and reconnected with capped backoff and
+//! jitter. Sessions are not on the link: they are on the consumer connections ([`super::lanes`]),
+//! so losing the link interrupts no session.
 //!
-//! After a reconnect, publishing waits until every open session has bound its queue again
-//! (see [`open_when_sessions_are_bound`]): a message confirmed while a session's queue is
-//! missing would be lost for that session without a trace.
+//! At start-up, publishing waits until the history window is filled (see
+//! [`open_when_history_is_filled`]).
 
 use std::{
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
-use futures_util::{StreamExt, stream::select_all};
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Channel, Connection, ConnectionProperties,
     options::ConfirmSelectOptions,
     uri::{AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo},
 };
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Notify, watch};
 
 use super::{
     Shared,
-    channels::Slot,
     declare::{channel_error, declare_exchange},
     overflow::count_overflow,
     process::consume_for_process,
     stream,
 };
-use crate::config::RabbitConfig;
+use crate::config::{Endpoint, RabbitConfig};
 
 /// First reconnect delay; doubled per failed attempt up to `reconnect_max`.
 const RECONNECT_BASE: Duration = Duration::from_millis(250);
@@ -52,19 +53,17 @@ pub(super) enum LinkState {
     Closed,
 }
 
-/// One generation of broker connections and what was declared on them.
+/// One generation of the replica's own connections and what was declared on them.
 pub(super) struct Link {
     pub(super) generation: u64,
-    /// Publishing is allowed. After a reconnect this waits until every open session has its
-    /// queue bound again, so that no message is confirmed (202) while a session's queue is
-    /// missing: it would be lost for that session without a trace.
+    /// Publishing is allowed: at start-up, once the history window is filled.
     pub(super) ready: std::sync::atomic::AtomicBool,
     pub(super) publisher: Channel,
-    /// `[0]` publishes (and declares); `[1..]` carry the session consumers, and `[1]` also
-    /// the replica's own consumers (overflow, history stream, process queue).
+    /// `[0]` publishes (and declares); `[1]` carries the replica's own consumers (overflow,
+    /// history stream, process queue) and the reads of the stream on demand.
     pub(super) connections: Vec<Connection>,
-    /// Consumer channels and how many sessions each carries.
-    pub(super) pool: Mutex<Vec<Arc<Slot>>>,
+    /// Where each connection went.
+    pub(super) endpoints: Vec<Endpoint>,
     /// Notified by whoever finds the link broken in a way the connections do not report
     /// (the publishing channel closed by a channel error).
     pub(super) broken: Arc<Notify>,
@@ -76,6 +75,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
     let mut generation = 0;
     let mut failures: u32 = 0;
     let mut lost_at: Option<Instant> = None;
+    let mut first = true;
     while !shared.shutdown.is_cancelled() {
         generation += 1;
         let connected = tokio::select! {
@@ -87,22 +87,22 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
                 let up_since = Instant::now();
                 shared.metrics.broker_connects.fetch_add(1, Relaxed);
                 shared.metrics.broker_ready.store(1, Relaxed);
-                // Up before it is said: whoever reads "connected" in the log may subscribe at once.
+                // Up before it is said: whoever reads "connected" in the log may subscribe at once
+                // (it is said once the consumer connections are up too: `open_when_ready`).
                 state.send_replace(LinkState::Up(link.clone()));
-                match lost_at.take() {
-                    Some(at) => {
-                        let outage_ms = at.elapsed().as_millis() as u64;
-                        shared.metrics.broker_reconnects.fetch_add(1, Relaxed);
-                        shared.metrics.broker_last_outage_ms.store(outage_ms, Relaxed);
-                        tracing::info!(outage_ms, generation, "broker link restored");
-                    }
-                    None => tracing::info!(
-                        host = %config.host, port = config.port, exchange = %config.exchange,
-                        "connected to RabbitMQ"
-                    ),
+                super::publish::mark_down(&shared.down_since, false);
+                if let Some(at) = lost_at.take() {
+                    let outage_ms = at.elapsed().as_millis() as u64;
+                    shared.metrics.broker_reconnects.fetch_add(1, Relaxed);
+                    shared.metrics.broker_last_outage_ms.store(outage_ms, Relaxed);
+                    tracing::info!(outage_ms, generation, "broker link restored");
                 }
-                tokio::spawn(open_when_sessions_are_bound(shared.clone(), link.clone()));
-                let reason = tokio::select! {
+                tokio::spawn(open_when_ready(
+                    shared.clone(),
+                    link.clone(),
+                    std::mem::replace(&mut first, false),
+                ));
+                let (reason, failed) = tokio::select! {
                     reason = link_lost(&link) => reason,
                     () = shared.shutdown.cancelled() => {
                         state.send_replace(LinkState::Closed);
@@ -112,6 +112,9 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
                     }
                 };
                 tracing::warn!(%reason, generation, "broker link lost; reconnecting");
+                if let Some(endpoint) = failed.and_then(|i| link.endpoints.get(i)) {
+                    shared.addresses.failed(endpoint);
+                }
                 // A link that keeps failing soon after it is made must not reconnect in a tight
                 // loop: the backoff only resets after the link stayed up for a while.
                 failures = if up_since.elapsed() > STABLE_LINK { 0 } else { failures.saturating_add(1) };
@@ -124,6 +127,7 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
                     // message, so sessions catch up from the right place.
                     shared.process_restored.store(true, Relaxed);
                 }
+                super::publish::mark_down(&shared.down_since, true);
                 state.send_replace(LinkState::Down(format!("broker link lost: {reason}")));
                 close_link(&link).await;
             }
@@ -143,39 +147,48 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
     shared.metrics.broker_ready.store(0, Relaxed);
 }
 
-/// Longest wait, after a reconnect, for the open sessions to bind their queues again before
-/// publishing resumes anyway (a session that cannot restore must not stop everyone's chat).
-const RESTORE_GRACE: Duration = Duration::from_secs(30);
-
-/// Allows publishing on `link` once every open session's queue is bound on it (at once after
-/// the first connect, when there are none) and, at start-up, the history window is filled, or
-/// after [`RESTORE_GRACE`].
-async fn open_when_sessions_are_bound(shared: Arc<Shared>, link: Arc<Link>) {
+/// Allows publishing on `link` once the history window is filled (at once after a reconnect,
+/// where it was filled before): a replica that published before it could show what came
+/// before would serve pages that miss it. The first time, also once every consumer connection
+/// is up (or [`LANES_GRACE`] passed), so that the first sessions spread over all of them; then
+/// says "connected to RabbitMQ", which whoever reads the log may take as ready for sessions.
+async fn open_when_ready(shared: Arc<Shared>, link: Arc<Link>, first: bool) {
+    let mut filled = shared.history_filled.subscribe();
     let started = Instant::now();
-    let behind = || {
-        let sessions = shared.sessions.lock().unwrap_or_else(|p| p.into_inner());
-        let filling = usize::from(!*shared.history_filled.borrow());
-        sessions.values().filter(|s| s.generation.load(Relaxed) < link.generation).count() + filling
-    };
-    loop {
-        let waiting = behind();
-        if waiting == 0 {
-            break;
+    let _ = filled.wait_for(|filled| *filled).await;
+    if first {
+        let lanes = shared.lanes.states.len();
+        let mut changed = shared.lanes.changed.subscribe();
+        let all_up = tokio::time::timeout(LANES_GRACE, async {
+            while shared.lanes.up() < lanes {
+                if changed.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        if all_up.await.is_err() {
+            tracing::warn!(
+                up = shared.lanes.up(),
+                lanes,
+                "not every consumer connection is up; starting anyway"
+            );
         }
-        if started.elapsed() > RESTORE_GRACE {
-            tracing::warn!(waiting, "sessions still re-creating their queues; publishing resumes anyway");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    if started.elapsed() > Duration::from_millis(10) {
+        let endpoints: Vec<String> = shared.lanes.endpoints().iter().map(ToString::to_string).collect();
+        tracing::info!(
+            publish = %link.endpoints[0], own = %link.endpoints[1], consumers = %endpoints.join(","),
+            exchange = %shared.config.exchange, "connected to RabbitMQ"
+        );
+    } else if started.elapsed() > Duration::from_millis(10) {
         tracing::info!(
             took_ms = started.elapsed().as_millis() as u64,
-            "open sessions bound again; publishing resumes"
+            "history window filled; publishing starts"
         );
     }
     link.ready.store(true, Relaxed);
 }
+
+/// Longest wait at start-up for every consumer connection before the replica says it is ready.
+const LANES_GRACE: Duration = Duration::from_secs(10);
 
 /// Full jitter: a random delay up to the capped exponential step.
 pub(super) fn backoff(failures: u32, max: Duration) -> Duration {
@@ -183,22 +196,39 @@ pub(super) fn backoff(failures: u32, max: Duration) -> Duration {
     step.mul_f64(rand::random::<f64>().max(0.1))
 }
 
-/// Opens every connection of one link and declares what publishing needs.
-async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, String> {
+/// Opens a connection to the next broker address (see [`super::address`]), within
+/// [`CONNECT_TIMEOUT`]; an address that fails is passed over for a while.
+pub(super) async fn open_next(shared: &Shared, role: &str) -> Result<(Connection, Endpoint), String> {
     let config = &shared.config;
-    let mut connections = Vec::with_capacity(config.consumer_connections + 1);
-    for index in 0..=config.consumer_connections {
-        let role = if index == 0 { "publish".to_owned() } else { format!("consume-{index}") };
-        let name = format!("fanout-chat {} {role}", shared.replica);
-        let opened = match tokio::time::timeout(CONNECT_TIMEOUT, open_connection(config, name)).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(e)) => Err(describe(config, &e)),
-            Err(_) => {
-                Err(format!("no answer from {}:{} within {CONNECT_TIMEOUT:?}", config.host, config.port))
+    let endpoint = shared.addresses.next().await;
+    let name = format!("fanout-chat {} {role}", shared.replica);
+    let opened = match tokio::time::timeout(CONNECT_TIMEOUT, open_connection(config, &endpoint, name)).await {
+        Ok(Ok(connection)) => Ok(connection),
+        Ok(Err(e)) => Err(describe_at(config, &endpoint, &e)),
+        Err(_) => Err(format!("no answer from {endpoint} within {CONNECT_TIMEOUT:?}")),
+    };
+    match opened {
+        Ok(connection) => {
+            shared.addresses.succeeded(&endpoint);
+            Ok((connection, endpoint))
+        }
+        Err(reason) => {
+            shared.addresses.failed(&endpoint);
+            Err(reason)
+        }
+    }
+}
+
+/// Opens the link's two connections and declares what publishing needs.
+async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, String> {
+    let mut connections = Vec::with_capacity(2);
+    let mut endpoints = Vec::with_capacity(2);
+    for role in ["publish", "own"] {
+        match open_next(shared, role).await {
+            Ok((connection, endpoint)) => {
+                connections.push(connection);
+                endpoints.push(endpoint);
             }
-        };
-        match opened {
-            Ok(connection) => connections.push(connection),
             Err(reason) => {
                 close_connections(&connections).await;
                 return Err(reason);
@@ -212,7 +242,7 @@ async fn connect(shared: &Arc<Shared>, generation: u64) -> Result<Arc<Link>, Str
             ready: std::sync::atomic::AtomicBool::new(false),
             publisher,
             connections,
-            pool: Mutex::new(Vec::new()),
+            endpoints,
             broken,
         })),
         Err(reason) => {
@@ -256,7 +286,11 @@ async fn declare(
     Ok(publisher)
 }
 
-async fn open_connection(config: &RabbitConfig, name: String) -> Result<Connection, lapin::Error> {
+async fn open_connection(
+    config: &RabbitConfig,
+    endpoint: &Endpoint,
+    name: String,
+) -> Result<Connection, lapin::Error> {
     // The URI is built field by field: no percent-encoding pitfalls with credentials, and
     // the vhost is taken literally ("/" is "/", not the empty vhost).
     let uri = AMQPUri {
@@ -266,8 +300,8 @@ async fn open_connection(config: &RabbitConfig, name: String) -> Result<Connecti
                 username: config.user.clone(),
                 password: config.password.expose().to_owned(),
             },
-            host: config.host.clone(),
-            port: config.port,
+            host: endpoint.host.clone(),
+            port: endpoint.port,
         },
         vhost: config.vhost.clone(),
         query: AMQPQueryString {
@@ -282,18 +316,37 @@ async fn open_connection(config: &RabbitConfig, name: String) -> Result<Connecti
 
 /// A readable reason, without credentials: lapin errors never contain the password.
 pub(super) fn describe(config: &RabbitConfig, error: &lapin::Error) -> String {
-    format!("RabbitMQ at {}:{} (vhost {:?}): {error}", config.host, config.port, config.vhost)
+    let hosts: Vec<String> = config.endpoints().iter().map(ToString::to_string).collect();
+    format!("RabbitMQ at {} (vhost {:?}): {error}", hosts.join(","), config.vhost)
 }
 
-/// Resolves with a reason when a connection of the link fails, or someone reported the link
-/// broken. Channel errors also reach the connection's events; those end only the consumers of
-/// that channel, which restore themselves, so they must not tear down every session's link.
-async fn link_lost(link: &Link) -> String {
-    let events = link.connections.iter().map(|c| c.events_listener().map(move |event| (c, event)).boxed());
-    let errors = select_all(events).filter_map(|(connection, event)| async move {
+/// [`describe`], for a connection to one address.
+pub(super) fn describe_at(config: &RabbitConfig, endpoint: &Endpoint, error: &lapin::Error) -> String {
+    format!("RabbitMQ at {endpoint} (vhost {:?}): {error}", config.vhost)
+}
+
+/// Resolves with a reason, and the index of the connection that failed, when a connection of
+/// the link fails or someone reported the link broken.
+async fn link_lost(link: &Link) -> (String, Option<usize>) {
+    let lost = link
+        .connections
+        .iter()
+        .enumerate()
+        .map(|(i, c)| async move { (connection_lost(c).await, Some(i)) }.boxed());
+    tokio::select! {
+        (reason, index) = futures_util::future::select_all(lost).map(|(first, _, _)| first) => (reason, index),
+        () = link.broken.notified() => ("the publishing channel was closed".into(), None),
+    }
+}
+
+/// Resolves with a reason when `connection` fails. Channel errors also reach the connection's
+/// events; those end only the consumers of that channel, which restore themselves, so they
+/// must not count as the connection's loss.
+pub(super) async fn connection_lost(connection: &Connection) -> String {
+    let errors = connection.events_listener().filter_map(|event| async move {
         match event {
             lapin::Event::Error(e) if channel_error(&e).is_some() && connection.status().connected() => {
-                tracing::debug!(error = %e, "channel error; the sessions on that channel restore themselves");
+                tracing::debug!(error = %e, "channel error; the consumers on that channel restore themselves");
                 None
             }
             lapin::Event::Error(e) => Some(e.to_string()),
@@ -301,15 +354,12 @@ async fn link_lost(link: &Link) -> String {
         }
     });
     let mut errors = std::pin::pin!(errors);
-    // Events are only sent while a listener exists, so the connections may have died before
-    // we listened: check once after subscribing.
-    if let Some(dead) = link.connections.iter().find(|c| !c.status().connected()) {
-        return format!("connection {:?} is not connected", dead.status());
+    // Events are only sent while a listener exists, so the connection may have died before we
+    // listened: check once after subscribing.
+    if !connection.status().connected() {
+        return format!("connection {:?} is not connected", connection.status());
     }
-    tokio::select! {
-        Some(reason) = errors.next() => reason,
-        () = link.broken.notified() => "the publishing channel was closed".into(),
-    }
+    errors.next().await.unwrap_or_else(|| "the connection's events ended".into())
 }
 
 async fn close_link(link: &Link) {

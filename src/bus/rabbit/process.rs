@@ -51,11 +51,25 @@ pub(super) async fn consume_for_process(
         local.send_notice(None);
     }
     tokio::spawn(async move {
+        // The last message keys, to drop a second copy of a publish sent again (see
+        // `publish`), as a session's own queue does.
+        let mut recent = [0u64; 64];
+        let mut recent_at = 0usize;
         while let Some(Ok(delivery)) = consumer.next().await {
             let lapin::message::Delivery { data, properties, acker, .. } = delivery;
             if data.len() <= max_frame_bytes {
+                let frame = frame(data, &properties);
+                if properties.message_id().is_some() {
+                    if recent.contains(&frame.key()) {
+                        metrics.duplicates_dropped.fetch_add(1, Relaxed);
+                        Ack(acker).send();
+                        continue;
+                    }
+                    recent[recent_at % recent.len()] = frame.key();
+                    recent_at += 1;
+                }
                 // The channel never waits: a session that is behind skips ahead (and is told).
-                local.send_frame(frame(data, &properties));
+                local.send_frame(frame);
             } else {
                 metrics.skipped.fetch_add(1, Relaxed);
             }

@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+use super::lanes::{LaneLink, LaneState};
+
 use futures_util::StreamExt;
 use lapin::{
     Consumer,
@@ -22,14 +24,17 @@ use tokio::{
     sync::{Notify, watch},
     task::JoinHandle,
 };
+
+/// How many of a session's last message keys it remembers, to drop a second copy of one (a
+/// publish sent again after its confirm was lost with its connection).
+const RECENT_KEYS: usize = 64;
+
+/// Longest wait for a session's queue and consumer to be made.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    RabbitBus,
-    channels::SlotLease,
-    codec::frame,
-    declare::declare_exclusive_bound,
-    link::{Link, LinkState, backoff},
+    RabbitBus, channels::SlotLease, codec::frame, declare::declare_exclusive_bound, link::backoff,
     overflow::bounded_queue,
 };
 use crate::bus::{Ack, BusError, Event, Live};
@@ -41,9 +46,6 @@ pub(super) struct SessionEntry {
     /// replica's overflow consumer from the dead-letters of that queue.
     pub(super) dropped: AtomicU64,
     pub(super) notify: Notify,
-    /// The generation of the link its queue is bound on; behind the current link while the
-    /// session re-creates its queue after an outage.
-    pub(super) generation: AtomicU64,
 }
 
 impl RabbitBus {
@@ -51,42 +53,66 @@ impl RabbitBus {
     /// caller that gives up (a browser that goes away mid-handshake) cannot leave a consumer
     /// half made: the task finishes, and its result is dropped cleanly.
     pub async fn subscribe(&self, session: &str) -> Result<Live, BusError> {
-        let link = self.current_link()?;
+        self.current_link()?;
         if let Some(local) = &self.0.local {
             return Ok(Live::Memory(local.subscribe()));
         }
+        let lane = self
+            .0
+            .lanes
+            .pick(None)
+            .ok_or_else(|| BusError::Unavailable("no consumer connection to the broker is up".into()))?;
         let queue = format!("fanout-chat.{}.{}", self.0.replica, session);
         let bus = self.clone();
         let name = queue.clone();
-        let active = tokio::spawn(async move { bus.attach(&link, &name, &name).await })
+        let active = tokio::spawn(async move { bus.attach_while_up(&lane, &name, &name).await })
             .await
             .map_err(|e| BusError::Broker(e.to_string()))?
-            .map_err(|e| BusError::Broker(e.to_string()))?;
-        let entry =
-            Arc::new(SessionEntry { generation: AtomicU64::new(active.generation), ..Default::default() });
+            .map_err(BusError::Broker)?;
+        let entry = Arc::new(SessionEntry::default());
         self.0.sessions.lock().unwrap_or_else(|p| p.into_inner()).insert(queue.clone(), entry.clone());
         Ok(Live::Rabbit(Box::new(RabbitSubscription {
             bus: self.clone(),
             entry,
-            link: self.0.link.clone(),
             base_queue: queue.clone(),
             restores: 0,
             queue,
             state: State::Active(active),
+            recent: [0; RECENT_KEYS],
+            recent_at: 0,
             cancel: self.0.shutdown.child_token(),
         })))
     }
 
-    /// Puts the queue on a channel of `link` and starts consuming it. What the queue drops when
+    /// [`Self::attach`], given up when the lane's connection is lost meanwhile (a request on a
+    /// connection that died may never be answered) or after [`ATTACH_TIMEOUT`].
+    async fn attach_while_up(
+        &self,
+        lane: &Arc<LaneLink>,
+        queue: &str,
+        session: &str,
+    ) -> Result<Active, String> {
+        let mut state = self.0.lanes.states[lane.lane].subscribe();
+        let gone = state.wait_for(|s| !matches!(s, LaneState::Up(l) if l.generation == lane.generation));
+        tokio::select! {
+            attached = tokio::time::timeout(ATTACH_TIMEOUT, self.attach(lane, queue, session)) => match attached {
+                Ok(attached) => attached.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("no answer from the broker within {ATTACH_TIMEOUT:?}")),
+            },
+            _ = gone => Err("the broker connection was lost".into()),
+        }
+    }
+
+    /// Puts the queue on a channel of `lane` and starts consuming it. What the queue drops when
     /// full is dead-lettered to this replica's overflow queue under `session` (the session's
     /// first queue name), which counts it for the session.
-    async fn attach(&self, link: &Arc<Link>, queue: &str, session: &str) -> Result<Active, lapin::Error> {
+    async fn attach(&self, lane: &Arc<LaneLink>, queue: &str, session: &str) -> Result<Active, lapin::Error> {
         let config = &self.0.config;
-        let lease = link.lease_slot(config).await?;
+        let lease = lane.lease_slot(config).await?;
         // Declare and bind on a short-lived channel of the same connection (an exclusive queue
         // belongs to its connection): if either fails, that closes this channel only, not the
         // shared one that carries other sessions' consumers.
-        let setup = link.connections[lease.0.connection].create_channel().await?;
+        let setup = lane.connection.create_channel().await?;
         let arguments = bounded_queue(config.queue_max_length, session);
         declare_exclusive_bound(&setup, queue, arguments, &config.exchange, "").await?;
         let _ = setup.close(200, "OK".into()).await;
@@ -101,13 +127,23 @@ impl RabbitBus {
                 FieldTable::default(),
             )
             .await?;
-        Ok(Active { generation: link.generation, consumer, _lease: lease })
+        Ok(Active {
+            lane: lane.lane,
+            generation: lane.generation,
+            watch: self.0.lanes.states[lane.lane].subscribe(),
+            consumer,
+            _lease: lease,
+        })
     }
 }
 
 /// One session's queue while it is consumed.
 struct Active {
+    /// The lane and its connection the consumer is on; the session watches the lane, as a
+    /// connection declared dead (by its heartbeat) may never fail the consumer itself.
+    lane: usize,
     generation: u64,
+    watch: watch::Receiver<LaneState>,
     consumer: Consumer,
     /// Declared after `consumer` so that the consumer is cancelled before the place is freed.
     _lease: SlotLease,
@@ -123,11 +159,8 @@ enum State {
 /// A session's subscription: its own exclusive, auto-delete queue, bound to the exchange.
 pub struct RabbitSubscription {
     bus: RabbitBus,
-    /// What the bus knows of this session (drops, generation).
+    /// What the bus knows of this session (its drops).
     entry: Arc<SessionEntry>,
-    /// The bus's link state: a link declared dead (by its heartbeat) may never fail this
-    /// session's consumer, so the session watches the link too.
-    link: watch::Receiver<LinkState>,
     /// `fanout-chat.<replica>.<session>`: the first queue's name, and the stem of the next.
     base_queue: String,
     /// How many times the queue was re-created.
@@ -135,6 +168,9 @@ pub struct RabbitSubscription {
     /// The current queue's name.
     queue: String,
     state: State,
+    /// The keys of the last messages delivered (those with a message id), in a ring.
+    recent: [u64; RECENT_KEYS],
+    recent_at: usize,
     /// Stops a restore task once the session is gone.
     cancel: CancellationToken,
 }
@@ -161,16 +197,16 @@ impl RabbitSubscription {
                                 return Some(Event::Gap(missed));
                             }
                         }
-                        changed = self.link.changed() => {
+                        changed = active.watch.changed() => {
                             if changed.is_err() {
                                 return None;
                             }
                             let still_up = matches!(
-                                &*self.link.borrow_and_update(),
-                                LinkState::Up(link) if link.generation == active.generation
+                                &*active.watch.borrow_and_update(),
+                                LaneState::Up(link) if link.generation == active.generation
                             );
                             if !still_up {
-                                break Err("the broker link was lost".to_owned());
+                                break Err("the broker connection was lost".to_owned());
                             }
                         }
                     }
@@ -185,14 +221,25 @@ impl RabbitSubscription {
                             if data.len() > self.bus.0.max_frame_bytes {
                                 return Some(Event::Oversized { bytes: data.len(), ack: Ack(acker) });
                             }
-                            return Some(Event::Message(frame(data, &properties), Some(Ack(acker))));
+                            let frame = frame(data, &properties);
+                            if properties.message_id().is_some() {
+                                // A copy seen already: a publish sent again after its confirm
+                                // was lost (same id, body and timestamp, so the same key).
+                                if self.recent.contains(&frame.key()) {
+                                    self.bus.0.metrics.duplicates_dropped.fetch_add(1, Relaxed);
+                                    return Some(Event::Duplicate(Some(Ack(acker))));
+                                }
+                                self.recent[self.recent_at % RECENT_KEYS] = frame.key();
+                                self.recent_at += 1;
+                            }
+                            return Some(Event::Message(frame, Some(Ack(acker))));
                         }
                         Some(Err(e)) => e.to_string(),
                         None => "the broker cancelled the session's consumer".to_owned(),
                     },
                 };
                 tracing::warn!(queue = %self.queue, %reason, "session delivery interrupted");
-                let failed_on = active.generation;
+                let failed_on = active.lane;
                 // A new name: the broker may not have noticed yet that the old connection is
                 // dead, and would refuse to re-declare its exclusive queue until it does.
                 self.restores += 1;
@@ -206,7 +253,6 @@ impl RabbitSubscription {
             State::Restoring(task) => {
                 // Awaiting a `&mut JoinHandle` is cancel-safe: the task keeps running.
                 let active = task.await.ok().flatten()?;
-                self.entry.generation.store(active.generation, Relaxed);
                 self.bus.0.metrics.resubscribes.fetch_add(1, Relaxed);
                 tracing::info!(queue = %self.queue, "session delivery restored");
                 self.state = State::Active(active);
@@ -216,32 +262,34 @@ impl RabbitSubscription {
     }
 }
 
-/// Re-creates a session's queue and consumer, on the same link when only the channel or the
-/// consumer failed, on the next link when the connection did.
+/// Re-creates a session's queue and consumer on a usable lane, another than `failed_on` if
+/// there is one: the same lane's connection may be gone with its node.
 async fn restore(
     bus: RabbitBus,
     queue: String,
     session: String,
-    failed_on: u64,
+    failed_on: usize,
     cancel: CancellationToken,
 ) -> Option<Active> {
     let mut attempt = 0u32;
+    let mut changes = bus.0.lanes.changed.subscribe();
     loop {
-        let link = tokio::select! {
-            link = bus.wait_for_link(None) => link?,
-            () = cancel.cancelled() => return None,
-        };
-        // A link that died with our consumer is useless; wait for the supervisor's next one.
-        let link = if link.generation == failed_on && !link.connections.iter().all(|c| c.status().connected())
-        {
+        let Some(lane) = bus.0.lanes.pick(Some(failed_on)) else {
+            // None up: wait for one.
             tokio::select! {
-                link = bus.wait_for_link(Some(failed_on)) => link?,
+                changed = changes.changed() => changed.ok()?,
                 () = cancel.cancelled() => return None,
             }
-        } else {
-            link
+            if bus.0.shutdown.is_cancelled() {
+                return None;
+            }
+            continue;
         };
-        match bus.attach(&link, &queue, &session).await {
+        let attached = tokio::select! {
+            attached = bus.attach_while_up(&lane, &queue, &session) => attached,
+            () = cancel.cancelled() => return None,
+        };
+        match attached {
             Ok(active) => return Some(active),
             Err(e) => {
                 attempt = attempt.saturating_add(1);

@@ -11,7 +11,10 @@
 //! stream's last chunk, which exists now), and takes the first offset it sees there as the tail.
 //! Markers carry the header `x-fanout-chat-marker`; every reader here skips them.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
 
 use futures_util::{FutureExt, StreamExt};
 use lapin::{
@@ -145,8 +148,16 @@ pub(super) async fn follow(
                 if tail.is_some_and(|t| offset >= t) && !shared.history_filled.send_replace(true) {
                     tracing::info!(offset, "history window filled from the stream");
                 }
+                let has_id = delivery.properties.message_id().is_some();
                 if let Some(entry) = into_entry(delivery, offset, shared.max_frame_bytes) {
-                    shared.history.append(entry);
+                    // A message published again after its confirm was lost with its
+                    // connection (same id, body and timestamp) is in the stream twice: keep
+                    // the first. Messages without an id keep every copy (see `append`).
+                    if has_id && shared.history.holds_key(entry.frame.key()) {
+                        shared.metrics.duplicates_dropped.fetch_add(1, Relaxed);
+                    } else {
+                        shared.history.append(entry);
+                    }
                 }
             };
             // With the connection lost, the next link resumes where this one stopped.
