@@ -30,6 +30,10 @@ pub enum Bus {
     Rabbit(RabbitBus),
 }
 
+/// How [`Bus::readiness`] begins its reason while the broker blocks publishing (a resource
+/// alarm): a state the public may be told of, unlike the broker's address.
+pub const REFUSING_PUBLISHES: &str = "the message broker is refusing publishes (a memory or disk alarm)";
+
 /// Why the bus could not do what was asked. Each maps to `503`: the client may retry.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
@@ -41,6 +45,10 @@ pub enum BusError {
     Timeout(std::time::Duration),
     #[error("the message broker failed: {0}")]
     Broker(String),
+    /// The broker blocked the publishing connection (`connection.blocked`: a memory or disk
+    /// alarm); publishing resumes when it unblocks it.
+    #[error("the message broker is refusing publishes: {0}")]
+    Blocked(String),
 }
 
 /// One message frame, ready to write to a WebSocket: envelope JSON.

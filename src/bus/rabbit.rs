@@ -85,6 +85,8 @@ struct Shared {
     link: watch::Receiver<LinkState>,
     /// Where new connections go.
     addresses: Addresses,
+    /// Why the broker blocked the publishing connection, while it does (`connection.blocked`).
+    blocked: std::sync::Mutex<Option<String>>,
     /// When the link was lost, while it is down (see [`publish`]).
     down_since: std::sync::Mutex<Option<std::time::Instant>>,
     /// The consumer connections that carry the sessions (none in `process` mode).
@@ -130,6 +132,7 @@ impl RabbitBus {
         let shared = Arc::new(Shared {
             addresses: Addresses::new(&config),
             down_since: std::sync::Mutex::new(None),
+            blocked: std::sync::Mutex::new(None),
             lanes: Lanes::new(lanes),
             history_filled: watch::Sender::new(history.capacity() == 0),
             history,
@@ -158,10 +161,18 @@ impl RabbitBus {
             BusError::Unavailable(reason) => reason,
             other => other.to_string(),
         })?;
+        if let Some(reason) = self.blocked() {
+            return Err(format!("{} (connection.blocked: {reason})", super::REFUSING_PUBLISHES));
+        }
         if self.0.local.is_none() && self.0.lanes.up() == 0 {
             return Err("no consumer connection to the broker is up: sessions cannot be served".into());
         }
         Ok(())
+    }
+
+    /// Why the broker blocks publishing now, if it does.
+    fn blocked(&self) -> Option<String> {
+        self.0.blocked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The link, if publishing is allowed on it now.

@@ -78,6 +78,11 @@ impl AppError {
         match self {
             // The cause (host, port, broker error) is logged by the bus; the client only
             // needs to know that retrying is the right move.
+            Self::Bus(BusError::Blocked(_)) => {
+                "the message broker is refusing new messages for now (it is short \
+                 of memory or disk space); nothing was published, try again later"
+                    .into()
+            }
             Self::Bus(_) => {
                 "the message broker is not available right now; nothing was published, try again".into()
             }
@@ -95,6 +100,8 @@ impl IntoResponse for AppError {
         let mut response = (status, Json(json!({ "error": self.public_message() }))).into_response();
         let retry_after = match &self {
             Self::Limited(limited) => Some(limited.retry_after_secs()),
+            // An alarm clears when the broker frees memory or disk: not within a second.
+            Self::Bus(BusError::Blocked(_)) => Some(5),
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
             _ => None,
         };

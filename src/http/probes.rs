@@ -29,6 +29,10 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         Err(reason) if state.config.readyz_detail => {
             (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": format!("not ready: {reason}") })))
         }
+        Err(reason) if reason.starts_with(crate::bus::REFUSING_PUBLISHES) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": format!("not ready: {}", crate::bus::REFUSING_PUBLISHES) })),
+        ),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(

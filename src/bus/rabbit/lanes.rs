@@ -137,7 +137,7 @@ pub(super) async fn supervise_lane(shared: Arc<Shared>, lane: usize) {
                 lanes.set(lane, LaneState::Up(link.clone()));
                 tracing::debug!(lane, %endpoint, generation, "consumer connection up");
                 let reason = tokio::select! {
-                    reason = connection_lost(&link.connection) => reason,
+                    reason = connection_lost(&link.connection, |_| {}) => reason,
                     () = shared.shutdown.cancelled() => {
                         lanes.set(lane, LaneState::Closed);
                         shared.metrics.consumer_connections_up.fetch_sub(1, Relaxed);

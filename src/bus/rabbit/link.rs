@@ -12,7 +12,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_util::{FutureExt, StreamExt};
+use futures_util::StreamExt;
 use lapin::{
     Channel, Connection, ConnectionProperties,
     options::ConfirmSelectOptions,
@@ -97,13 +97,14 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
                     shared.metrics.broker_last_outage_ms.store(outage_ms, Relaxed);
                     tracing::info!(outage_ms, generation, "broker link restored");
                 }
+                *shared.blocked.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 tokio::spawn(open_when_ready(
                     shared.clone(),
                     link.clone(),
                     std::mem::replace(&mut first, false),
                 ));
                 let (reason, failed) = tokio::select! {
-                    reason = link_lost(&link) => reason,
+                    reason = link_lost(&shared, &link) => reason,
                     () = shared.shutdown.cancelled() => {
                         state.send_replace(LinkState::Closed);
                         shared.metrics.broker_ready.store(0, Relaxed);
@@ -326,40 +327,54 @@ pub(super) fn describe_at(config: &RabbitConfig, endpoint: &Endpoint, error: &la
 }
 
 /// Resolves with a reason, and the index of the connection that failed, when a connection of
-/// the link fails or someone reported the link broken.
-async fn link_lost(link: &Link) -> (String, Option<usize>) {
-    let lost = link
-        .connections
-        .iter()
-        .enumerate()
-        .map(|(i, c)| async move { (connection_lost(c).await, Some(i)) }.boxed());
+/// the link fails or someone reported the link broken. Meanwhile keeps `shared.blocked` to what
+/// the broker says of the publishing connection: a memory or disk alarm blocks publishing
+/// connections (`connection.blocked`) until it clears.
+async fn link_lost(shared: &Shared, link: &Link) -> (String, Option<usize>) {
+    let on_blocked = |blocked: Option<String>| {
+        match &blocked {
+            Some(reason) => {
+                tracing::warn!(%reason, "the broker blocks publishing (a resource alarm); POSTs answer 503 until it clears")
+            }
+            None => tracing::info!("the broker accepts publishes again"),
+        }
+        *shared.blocked.lock().unwrap_or_else(|p| p.into_inner()) = blocked;
+    };
+    let publishing = async { (connection_lost(&link.connections[0], on_blocked).await, Some(0)) };
+    let own = async { (connection_lost(&link.connections[1], |_| {}).await, Some(1)) };
     tokio::select! {
-        (reason, index) = futures_util::future::select_all(lost).map(|(first, _, _)| first) => (reason, index),
+        lost = publishing => lost,
+        lost = own => lost,
         () = link.broken.notified() => ("the publishing channel was closed".into(), None),
     }
 }
 
 /// Resolves with a reason when `connection` fails. Channel errors also reach the connection's
 /// events; those end only the consumers of that channel, which restore themselves, so they
-/// must not count as the connection's loss.
-pub(super) async fn connection_lost(connection: &Connection) -> String {
-    let errors = connection.events_listener().filter_map(|event| async move {
-        match event {
-            lapin::Event::Error(e) if channel_error(&e).is_some() && connection.status().connected() => {
-                tracing::debug!(error = %e, "channel error; the consumers on that channel restore themselves");
-                None
-            }
-            lapin::Event::Error(e) => Some(e.to_string()),
-            _ => None,
-        }
-    });
-    let mut errors = std::pin::pin!(errors);
+/// must not count as the connection's loss. `on_blocked` hears `connection.blocked` (with the
+/// broker's reason) and `connection.unblocked` (`None`).
+///
+/// lapin hands each event to one of the connection's listeners only (they share one queue), so
+/// this must be the only listener of `connection`.
+pub(super) async fn connection_lost(connection: &Connection, on_blocked: impl Fn(Option<String>)) -> String {
+    let mut events = std::pin::pin!(connection.events_listener());
     // Events are only sent while a listener exists, so the connection may have died before we
     // listened: check once after subscribing.
     if !connection.status().connected() {
         return format!("connection {:?} is not connected", connection.status());
     }
-    errors.next().await.unwrap_or_else(|| "the connection's events ended".into())
+    while let Some(event) = events.next().await {
+        match event {
+            lapin::Event::Error(e) if channel_error(&e).is_some() && connection.status().connected() => {
+                tracing::debug!(error = %e, "channel error; the consumers on that channel restore themselves");
+            }
+            lapin::Event::Error(e) => return e.to_string(),
+            lapin::Event::ConnectionBlocked(reason) => on_blocked(Some(reason)),
+            lapin::Event::ConnectionUnblocked => on_blocked(None),
+            _ => {}
+        }
+    }
+    "the connection's events ended".into()
 }
 
 async fn close_link(link: &Link) {

@@ -34,6 +34,10 @@ impl RabbitBus {
             // own queues are transient and ignore it.
             .with_delivery_mode(2);
         let body = envelope.to_json();
+        if let Some(reason) = self.blocked() {
+            // Anything sent now would wait in the socket until the alarm clears: refuse at once.
+            return Err(BusError::Blocked(reason));
+        }
         let mut link = match self.ready_link() {
             Ok(link) => link,
             // Lost a moment ago: ride through the reconnect rather than refuse at once. Down
