@@ -30,6 +30,11 @@ pub enum Bus {
     Rabbit(RabbitBus),
 }
 
+/// A resume position, `@N` (see [`Bus::resume_point`]).
+pub fn parse_position(since: &str) -> Option<u64> {
+    since.strip_prefix('@')?.parse().ok()
+}
+
 /// How [`Bus::readiness`] begins its reason while the broker blocks publishing (a resource
 /// alarm): a state the public may be told of, unlike the broker's address.
 pub const REFUSING_PUBLISHES: &str = "the message broker is refusing publishes (a memory or disk alarm)";
@@ -184,6 +189,15 @@ impl Bus {
         };
         Ok(match since {
             None => Subscription(self.history().follow(live)),
+            // A position (`@N`, the `resume` of a history page): everything from it on.
+            Some(since) if let Some(position) = parse_position(since) => {
+                if let Self::Rabbit(bus) = self {
+                    bus.history_filled(rabbit::HISTORY_FILL_WAIT).await?;
+                }
+                let history = self.history();
+                let start = history.start_at(position, matches!(self, Self::Rabbit(_)));
+                Subscription(history.resume(start, history::Older::default(), live))
+            }
             // Looked up only now that the session is bound: nothing can fall between the two.
             Some(since) => {
                 if let Self::Rabbit(bus) = self {
@@ -200,6 +214,20 @@ impl Bus {
                 Subscription(history.resume(start, older, live))
             }
         })
+    }
+
+    /// Where "from now on" is, as a resume point a page hands to its socket (`since=@N`), so
+    /// that a message published between a history page and the socket's subscription is not
+    /// missed even when the page was empty. `None` without history.
+    pub fn resume_point(&self) -> Option<String> {
+        if self.history().capacity() == 0 {
+            return None;
+        }
+        let position = match self {
+            Self::Memory(bus) => Some(bus.history().next_seq()),
+            Self::Rabbit(bus) => bus.stream_position(),
+        };
+        position.map(|n| format!("@{n}"))
     }
 
     /// The window of recent messages.

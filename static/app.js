@@ -322,7 +322,8 @@
       if (!res.ok) return null;
       const data = await res.json();
       if (data === null || typeof data !== "object" || !Array.isArray(data.messages)) return null;
-      return { messages: data.messages.filter(isEnvelope), hasMore: data.has_more === true };
+      const resume = typeof data.resume === "string" ? data.resume : null;
+      return { messages: data.messages.filter(isEnvelope), hasMore: data.has_more === true, resume };
     } catch {
       return null;
     } finally {
@@ -417,6 +418,9 @@
     prependMessages(page.messages, page.hasMore);
     const newest = page.messages.at(-1);
     if (newest) advanceCursor(newest.id);
+    // An empty history still says where "now" is: the socket resumes from there, so a
+    // message sent between this page and the socket is not missed.
+    else if (page.resume) cursor = page.resume;
   }
 
   function cancelRetry() {

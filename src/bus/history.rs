@@ -254,6 +254,40 @@ impl History {
         .await;
     }
 
+    /// The sequence number the next message will get: a resume point for "from now on" in
+    /// `memory` mode (see [`crate::bus::Bus::resume_point`]).
+    pub fn next_seq(&self) -> u64 {
+        *self.0.next_seq.borrow()
+    }
+
+    /// Where a session that resumes from a position (`since=@N`, given by `GET /messages` as
+    /// `resume`) starts: at the first message at or past it, by stream offset (`by_offset`,
+    /// RabbitMQ: the same for every replica) or by sequence number (the embedded bus). A
+    /// position past the window's end starts with the next message; one before the window,
+    /// where messages already left it, starts at the oldest kept, with a gap.
+    pub fn start_at(&self, position: u64, by_offset: bool) -> Start {
+        let window = self.window();
+        let next = window.first_seq + window.entries.len() as u64;
+        if self.0.capacity == 0 {
+            return Start { seq: next, gap: Some("history is turned off on this server") };
+        }
+        let evicted = window.first_seq > 0;
+        let (first_position, found) = if by_offset {
+            let first = window.entries.front().and_then(|e| e.offset);
+            let found =
+                window.entries.iter().find(|e| e.offset.is_some_and(|o| o >= position)).map(|e| e.seq);
+            (first, found)
+        } else {
+            let found = (position < next).then(|| position.max(window.first_seq));
+            (window.entries.front().map(|e| e.seq), found)
+        };
+        let seq = found.unwrap_or(next);
+        let gap = (evicted && first_position.is_some_and(|first| first > position)).then_some(
+            "messages after the resume point already left the history kept; replay starts at the oldest kept",
+        );
+        Start { seq, gap }
+    }
+
     /// Where a session that last saw `since` starts.
     ///
     /// - `since` is in the window (by id, or by the random part of a ULID, which is what
@@ -298,6 +332,29 @@ mod tests {
             offset: None,
             frame: Frame::from(format!("{{\"id\":\"{id}\"}}")),
         }
+    }
+
+    #[test]
+    fn a_resume_position_starts_at_the_first_message_at_or_past_it() {
+        let history = History::new(3);
+        // Empty: whatever comes next.
+        assert_eq!(history.start_at(7, true), Start { seq: 0, gap: None });
+        for (i, offset) in [10u64, 11, 13, 14].iter().enumerate() {
+            let mut e = entry(&format!("m{i}"), i as i64);
+            e.offset = Some(*offset);
+            history.append(e);
+        }
+        // Window: seq 1..=3 at offsets 11, 13, 14; seq 0 (offset 10) left it.
+        assert_eq!(history.start_at(12, true), Start { seq: 2, gap: None });
+        assert_eq!(history.start_at(11, true), Start { seq: 1, gap: None });
+        assert_eq!(history.start_at(15, true), Start { seq: 4, gap: None }, "past the end: next");
+        let early = history.start_at(10, true);
+        assert_eq!(early.seq, 1);
+        assert!(early.gap.is_some(), "offset 10 left the window: {early:?}");
+        // By sequence number (the embedded bus).
+        assert_eq!(history.start_at(2, false), Start { seq: 2, gap: None });
+        assert_eq!(history.start_at(9, false), Start { seq: 4, gap: None });
+        assert!(history.start_at(0, false).gap.is_some());
     }
 
     #[test]

@@ -211,6 +211,12 @@ impl RabbitBus {
         &self.0.history
     }
 
+    /// The stream offset the window's reader takes next: "now", as far as this replica knows
+    /// (a reader that lags only makes a resume from here replay a little more).
+    pub fn stream_position(&self) -> Option<u64> {
+        *self.0.stream_next.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub async fn close(&self) {
         let handles = std::mem::take(&mut *self.0.supervisors.lock().unwrap_or_else(|p| p.into_inner()));
         futures_util::future::join_all(handles).await;

@@ -91,7 +91,9 @@ pub struct PageQuery {
 }
 
 /// `GET /messages?limit=N&before=<id>`: `{"messages": [envelope, ...], "has_more": bool}`,
-/// oldest first, ending with the newest message (or the one just before `before`).
+/// oldest first, ending with the newest message (or the one just before `before`). The newest
+/// page also has `"resume": "@N"`: a socket opened with `?since=@N` gets everything published
+/// from the moment the page was read, even when the page is empty.
 pub async fn list_messages(
     State(state): State<AppState>,
     ClientIp(client): ClientIp,
@@ -122,6 +124,9 @@ pub async fn list_messages(
     .ok()
     .and_then(Result::ok)
     .ok_or(AppError::Busy("too many pages of history are being sent right now; try again shortly"))?;
+    // Taken before the page is read: a message that arrives meanwhile is in the page or after
+    // the point, or both (the page's reader drops what it already shows), never in neither.
+    let resume = if before.is_none() { state.bus.resume_point() } else { None };
     let (frames, has_more) =
         state.bus.history_page(limit, before.as_deref(), PAGE_MAX_BYTES).await.map_err(|e| {
             tracing::warn!(error = %e, "history read failed");
@@ -138,6 +143,12 @@ pub async fn list_messages(
     }
     body.push_str("],\"has_more\":");
     body.push_str(if has_more { "true" } else { "false" });
+    if let Some(resume) = resume {
+        // `@` and digits only: nothing to escape.
+        body.push_str(",\"resume\":\"");
+        body.push_str(&resume);
+        body.push('"');
+    }
     body.push('}');
     let _unused = permit.split(full_page_kib.saturating_sub(body.len().div_ceil(1024)));
     let body = Bytes::from_owner(PageBody { json: body.into_bytes(), _permit: permit });

@@ -62,6 +62,11 @@ pub async fn upgrade(
     if since.as_ref().is_some_and(|s| s.len() > MAX_SINCE_BYTES) {
         return Err(AppError::BadRequest(format!("since is longer than {MAX_SINCE_BYTES} bytes")));
     }
+    if since.as_deref().is_some_and(|s| s.starts_with('@') && crate::bus::parse_position(s).is_none()) {
+        return Err(AppError::BadRequest(
+            "since=@N takes a position (a whole number), as GET /messages gives it in `resume`".into(),
+        ));
+    }
     if since.as_deref().is_some_and(is_from_the_future) {
         return Err(AppError::BadRequest(
             "since names a message from the future; no such message exists".into(),

@@ -344,3 +344,31 @@ async fn history_can_be_turned_off() {
     assert!(started.elapsed() < Duration::from_secs(2), "not held back: {:?}", started.elapsed());
     app.stop().await;
 }
+
+/// An empty history still tells the page where "now" is: a message published between the page
+/// and the socket's subscription reaches a socket that resumes from there, with no gap notice.
+/// Without it (no `since`), the socket would only get what came after its own subscription.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_history_page_gives_a_resume_point_that_misses_nothing_sent_before_the_socket() {
+    for kind in [BusKind::Memory, BusKind::Rabbit] {
+        let app = spawn_app(kind).await;
+        let page = app.history("").await;
+        assert_eq!(page["messages"].as_array().unwrap().len(), 0, "{page}");
+        let resume = page["resume"].as_str().expect("a resume point even when empty");
+        assert!(resume.starts_with('@'), "{resume}");
+        let missed = app.post_text("between the page and the socket").await;
+        let mut late = app.connect().await;
+        let mut resumed = app.connect_since(resume).await;
+        assert_eq!(resumed.next_message().await, missed, "{kind:?}: the resume point replays it");
+        // The socket without it never gets it: the next thing it sees is the next message.
+        let next = app.post_text("after both sockets").await;
+        assert_eq!(late.next_message().await, next, "{kind:?}");
+        assert_eq!(resumed.next_message().await, next, "{kind:?}: once, then live");
+        // A page with messages gives the point too; a malformed one is refused.
+        assert!(app.history("").await["resume"].is_string());
+        assert!(app.history("?before=01ARZ3NDEKTSV4RRFFQ69G5FAV").await.get("resume").is_none());
+        let status = crate::helpers::handshake_status(format!("ws://{}/ws?since=@x", app.addr)).await;
+        assert_eq!(status, 400, "{kind:?}");
+        app.stop().await;
+    }
+}
