@@ -12,6 +12,8 @@
 
   const NAME_KEY = "fanout-chat.name";
   const LAST_ID_KEY = "fanout-chat.last-id"; // sessionStorage: per tab, survives a reload
+  const OWN_IDS_KEY = "fanout-chat.own-ids"; // sessionStorage: this tab's own messages
+  const MAX_STORED_OWN_IDS = 200;
   const PAGE_SIZE = 50; // messages per GET /messages page
   const HISTORY_TIMEOUT_MS = 10000;
   const MAX_DOM_ITEMS = 500; // rendered messages + notices kept in the log
@@ -101,6 +103,24 @@
     }
   }
 
+  // The ids of the messages this tab sent, so a reload still shows them as its own.
+  function readOwnIds() {
+    try {
+      const ids = JSON.parse(sessionStorage.getItem(OWN_IDS_KEY) ?? "[]");
+      return Array.isArray(ids) ? ids.filter((id) => typeof id === "string").slice(-MAX_STORED_OWN_IDS) : [];
+    } catch {
+      return [];
+    }
+  }
+
+  function storeOwnIds(ids) {
+    try {
+      sessionStorage.setItem(OWN_IDS_KEY, JSON.stringify([...ids].slice(-MAX_STORED_OWN_IDS)));
+    } catch {
+      // Only the "own" styling after a reload is lost.
+    }
+  }
+
   function storeLastId(id) {
     try {
       sessionStorage.setItem(LAST_ID_KEY, id);
@@ -129,7 +149,7 @@
   // ------------------------------------------------------------ message log
 
   const seenIds = new Set();
-  const ownIds = new Set();
+  const ownIds = new Set(readOwnIds());
   let logItems = 0;
   // How many items the log holds before the oldest are trimmed. Loading older
   // pages raises it, so what the reader asked for is not trimmed from under
@@ -708,6 +728,7 @@
       if (res.ok) {
         if (isEnvelope(data)) {
           remember(ownIds, data.id);
+          storeOwnIds(ownIds);
           // The WebSocket copy may have won the race; tag it after the fact.
           markOwn(data.id);
           // Show it now even if the socket is down or slower than the POST;

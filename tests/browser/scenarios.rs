@@ -53,9 +53,12 @@ async fn two_people_chat_by_typing_and_pressing_enter() {
     ada.screenshot("1-two-people-ada").await;
     bob.screenshot("1-two-people-bob").await;
 
-    // The name is remembered across a reload.
+    // The name is remembered across a reload, and so is which messages were Ada's own.
     ada.open(&app.url("/")).await;
     assert_eq!(ada.eval("document.getElementById('name').value").await, "Ada");
+    let (mine, _) = ada.wait_for_message("Hello Bob, are you there?").await;
+    let (theirs, _) = ada.wait_for_message("Yes! Hi Ada.").await;
+    assert!(mine.own && !theirs.own, "after a reload, still shown as Ada's own");
     ada.close().await;
     bob.close().await;
     app.stop().await;
