@@ -79,6 +79,10 @@ struct Window {
     /// readers, but whose random part is derived from the message (see
     /// `chat::Envelope::from_delivery`): a session can resume after it by that part.
     by_random: HashMap<u128, u64>,
+    /// Where messages are missing from the window (the stream's retention removed them while
+    /// this replica was away from the broker, or the stream was deleted), by the sequence
+    /// number of the first entry after them, with why: a replay that crosses one says so.
+    holes: std::collections::BTreeMap<u64, &'static str>,
 }
 
 fn random_part(id: &str) -> Option<u128> {
@@ -161,6 +165,8 @@ impl History {
         while window.entries.len() > self.0.capacity {
             if let Some(old) = window.entries.pop_front() {
                 window.first_seq += 1;
+                let first = window.first_seq;
+                window.holes.retain(|&seq, _| seq >= first);
                 // Only if the maps still point at this entry (an id or key seen again points
                 // at the newer one).
                 if window.by_id.get(&old.id) == Some(&old.seq) {
@@ -188,6 +194,26 @@ impl History {
         window.by_id.clear();
         window.by_key.clear();
         window.by_random.clear();
+        window.holes.clear();
+    }
+
+    /// Messages are missing between the window's newest entry and the next one: `reason`.
+    pub fn mark_hole(&self, reason: &'static str) {
+        let mut window = self.window();
+        let next = window.first_seq + window.entries.len() as u64;
+        window.holes.insert(next, reason);
+    }
+
+    /// Why messages are missing just before the entry `seq`, if they are.
+    pub fn hole_before(&self, seq: u64) -> Option<&'static str> {
+        self.window().holes.get(&seq).copied()
+    }
+
+    /// The stream offset and key of the newest entry, if it came from the stream.
+    pub fn newest_offset_and_key(&self) -> Option<(u64, u64)> {
+        let window = self.window();
+        let newest = window.entries.back()?;
+        Some((newest.offset?, newest.frame.key()))
     }
 
     /// The entry at `seq`: `Ok(None)` when it is not there yet, `Err(first)` when it already

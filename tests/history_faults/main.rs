@@ -626,3 +626,88 @@ async fn resuming_mid_flood_with_two_concurrent_publishers() {
     app.stop().await;
     assert!(failures.is_empty(), "sessions resumed after seeds {failures:?} lost or repeated messages");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue "no silent holes": the stream's retention can remove what came after a replica's reader
+// while its link is down. It then resumed at the first offset left, and a session resuming from
+// before the cut got what was left without being told the rest was gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_past_a_reader_during_an_outage_is_told_to_a_session_that_resumes_across_it() {
+    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
+    let mut config = test_config(BusKind::Rabbit);
+    let rabbit = config.rabbitmq.as_mut().unwrap();
+    rabbit.port = proxy.port();
+    rabbit.reconnect_max = Duration::from_millis(500);
+    // The smallest history the app accepts (1 MB, in 250 KB segments), so a flood outgrows it.
+    rabbit.history.max_bytes = 1_000_000;
+    let exchange = rabbit.exchange.clone();
+    let app = spawn_app_with(config).await;
+    let before = app.post_text("before the outage").await;
+    let before_id = before["id"].as_str().unwrap().to_owned();
+    wait_for_history(&app, &before_id).await;
+
+    proxy.cut().await;
+    // Meanwhile another service sends 1.6 MB: retention drops the oldest segments, with the
+    // message after which this replica's reader stopped.
+    let service = service().await;
+    let text = "x".repeat(3900);
+    let mut confirms = Vec::new();
+    let mut last = None;
+    for i in 0..400 {
+        let envelope = envelope(&format!("{i} {text}"));
+        confirms.push(publish_like_the_app(&service, &exchange, &envelope).await);
+        last = Some(envelope.id.to_string());
+    }
+    for confirm in confirms {
+        confirm.await.unwrap();
+    }
+    proxy.restore().await;
+    app.wait_until_ready().await;
+    let last = last.unwrap();
+    wait_for_history(&app, &last).await;
+
+    let mut session = app.connect_since(&before_id).await;
+    let first = frame_within(&mut session, Duration::from_secs(5)).await.expect("a frame");
+    assert_eq!(first["type"], "gap", "the session is told before it gets what is left: {first}");
+    assert!(first["reason"].as_str().unwrap().contains("retention"), "{first}");
+    let (frames, reached) = frames_until(&mut session, &last, Duration::from_secs(10)).await;
+    assert!(reached, "then what the history still has, up to the last message");
+    assert!(frames.iter().all(|f| f["type"] != "gap"), "told once");
+    app.stop().await;
+}
+
+// Issue "no silent holes": a history stream deleted while a replica's link is down is declared
+// again on its reconnect; the reader resumed at an old offset of the new stream, and the window's
+// old messages and the new ones looked like one history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_deleted_during_an_outage_is_told_to_a_session_that_resumes_across_it() {
+    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
+    let mut config = test_config(BusKind::Rabbit);
+    let rabbit = config.rabbitmq.as_mut().unwrap();
+    rabbit.port = proxy.port();
+    rabbit.reconnect_max = Duration::from_millis(500);
+    let stream = rabbit.history.name.clone();
+    let app = spawn_app_with(config).await;
+    let mut before = Value::Null;
+    for i in 0..5 {
+        before = app.post_text(&format!("on the old stream {i}")).await;
+    }
+    let before_id = before["id"].as_str().unwrap().to_owned();
+    wait_for_history(&app, &before_id).await;
+
+    proxy.cut().await;
+    let service = service().await;
+    service.channel.queue_delete(stream.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
+    proxy.restore().await;
+    app.wait_until_ready().await;
+    let after = app.post_text("on the new stream").await;
+    let after_id = after["id"].as_str().unwrap().to_owned();
+    wait_for_history(&app, &after_id).await;
+
+    let mut session = app.connect_since(&before_id).await;
+    let first = frame_within(&mut session, Duration::from_secs(5)).await.expect("a frame");
+    assert_eq!(first["type"], "gap", "the session is told the history started over: {first}");
+    let (_, reached) = frames_until(&mut session, &after_id, Duration::from_secs(10)).await;
+    assert!(reached, "then the new stream's messages");
+    app.stop().await;
+}

@@ -58,6 +58,7 @@ impl History {
             recent: [0; RECENT_KEYS],
             recent_at: 0,
             catching_up: false,
+            announced_hole: None,
             live,
             // With history off there is nothing to replay, nor anything to wait for.
             phase: if self.0.capacity == 0 { Phase::Live } else { Phase::Replay { pending: None } },
@@ -90,6 +91,8 @@ pub struct Resume {
     /// Replaying after an outage (not a `since` resume): only then are `recent` skipped, as
     /// identical notifications from another service may legitimately repeat.
     catching_up: bool,
+    /// The last hole in the window (see `History::mark_hole`) this session was told of.
+    announced_hole: Option<u64>,
     live: Live,
     phase: Phase,
     /// Sent first: why some of what the session asked for cannot be replayed.
@@ -210,6 +213,12 @@ impl Resume {
                     }
                     // Mark the window's state seen before reading it, so no append is missed.
                     self.changes.borrow_and_update();
+                    if self.announced_hole != Some(self.cursor)
+                        && let Some(reason) = self.history.hole_before(self.cursor)
+                    {
+                        self.announced_hole = Some(self.cursor);
+                        return Some(Event::ReplayGap { reason, replay_from: None });
+                    }
                     match self.history.get(self.cursor) {
                         Ok(Some(entry)) => {
                             self.cursor += 1;

@@ -33,6 +33,12 @@ use tokio::sync::Notify;
 use super::{Shared, codec::decode, declare::channel_error};
 use crate::bus::history::NewEntry;
 
+/// Why the window misses messages after an outage (see `History::mark_hole`).
+const RETENTION_CUT: &str = "messages sent while this server was away from the broker were removed from the \
+     history by its retention before it could read them";
+const STREAM_REPLACED: &str =
+    "the history was deleted while this server was away from the broker; what it held before is gone";
+
 /// Header that marks the replicas' own bookkeeping messages in the stream.
 const MARKER_HEADER: &str = "x-fanout-chat-marker";
 /// Unacknowledged deliveries of a stream consumer (streams require a prefetch).
@@ -112,11 +118,31 @@ pub(super) async fn follow(
     let stream = shared.config.history.name.clone();
     let log_stream = stream.clone();
     let resume_at = *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
+    let window = shared.history.capacity() as u64;
+    // Resuming after an outage, the stream may not be where this replica left it: retention
+    // may have removed what came next, or the stream may have been deleted (and declared
+    // again, starting over at 0). Re-read from the last message the window has, and check.
+    let mut expect = None;
     let (start, tail) = match resume_at {
-        Some(next) => (next, None),
+        Some(next) => {
+            let end = find_tail(connection, publisher, &stream).await?;
+            if end + 1 < next {
+                // Shorter than where this replica was: not the stream it followed.
+                tracing::warn!(%stream, next, end, "the history stream was deleted while the link was down; the window starts over");
+                shared.history.clear();
+                shared.history.mark_hole(STREAM_REPLACED);
+                *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                (end.saturating_sub(window), None)
+            } else {
+                let last = next.saturating_sub(1);
+                let key = shared.history.newest_offset_and_key().filter(|&(o, _)| o == last).map(|(_, k)| k);
+                expect = (next > 0).then_some((last, key));
+                (last, None)
+            }
+        }
         None => {
             let tail = find_tail(connection, publisher, &stream).await?;
-            (tail.saturating_sub(shared.history.capacity() as u64), Some(tail))
+            (tail.saturating_sub(window), Some(tail))
         }
     };
     if tail.is_none() {
@@ -138,6 +164,24 @@ pub(super) async fn follow(
                 let Some(offset) = stream_offset(&delivery) else { continue };
                 // Queued with lapin, not waited for (see `Ack::send`).
                 let _ = delivery.acker.ack(BasicAckOptions::default()).now_or_never();
+                // The broker starts at the beginning of the chunk that holds `last`: the first
+                // delivery at or past it is the one to check.
+                if let Some((last, key)) = expect.take_if(|&mut (last, _)| offset >= last) {
+                    let same = offset == last
+                        && key.is_none_or(|key| {
+                            is_marker(&delivery)
+                                || decode(delivery.data.clone(), &delivery.properties).0.key() == key
+                        });
+                    if !same {
+                        let reason = if offset > last { RETENTION_CUT } else { STREAM_REPLACED };
+                        tracing::warn!(stream = %log_stream, expected = last, got = offset, reason, "the history stream changed while the link was down");
+                        if offset <= last {
+                            shared.history.clear();
+                        }
+                        shared.history.mark_hole(reason);
+                        *shared.stream_next.lock().unwrap_or_else(|p| p.into_inner()) = Some(offset);
+                    }
+                }
                 {
                     let mut next = shared.stream_next.lock().unwrap_or_else(|p| p.into_inner());
                     if next.is_some_and(|n| offset < n) {
