@@ -13,7 +13,7 @@
 //! 1. **raw**: no web server at all. The broker laid out as the app lays it out, with lapin
 //!    clients in place of the app: N consumers, each with its own exclusive, auto-delete queue
 //!    bound to a fanout exchange, laid out like the app's sessions (4 connections, 32 consumers
-//!    per channel, per-consumer prefetch 64, manual ack of every delivery, `x-max-length` 1000
+//!    per channel, per-consumer prefetch 8, manual ack of every delivery, `x-max-length` 1000
 //!    drop-head), plus the history stream the app keeps on every exchange (a durable stream
 //!    `<exchange>.history` bound to it, with the app's retention arguments, followed by one
 //!    consumer that acks every delivery), fed by a lapin publisher in confirm mode. Every publish
@@ -106,7 +106,7 @@ const BROKER_PORT: u16 = 5672;
 /// `NOTIFIER_QUEUE_MAX_LENGTH` at their defaults.
 const CONSUMER_CONNECTIONS: usize = 4;
 const SESSIONS_PER_CHANNEL: usize = 32;
-const PREFETCH: u16 = 64;
+const PREFETCH: u16 = 8;
 const QUEUE_MAX_LENGTH: i32 = 1000;
 /// The history stream's defaults (`NOTIFIER_HISTORY_MAX_AGE`, `NOTIFIER_HISTORY_MAX_BYTES`, and
 /// the segment size the app derives from it, a quarter) and the prefetch of the app's stream
@@ -1030,7 +1030,7 @@ async fn connect_raw(run: &str) -> Vec<Connection> {
 }
 
 /// N consumers on `connections`: each its own exclusive, auto-delete queue bound to `exchange`,
-/// 32 per channel (per-consumer prefetch 64), channels spread over the connections, manual acks.
+/// 32 per channel (per-consumer prefetch 8), channels spread over the connections, manual acks.
 async fn open_raw_consumers(
     connections: &[Connection],
     exchange: &str,
@@ -2384,7 +2384,7 @@ fn markdown(options: &Options, m: &Machine, scenarios: &[Scenario], started: &st
     out.push_str(
         "Per N, each phase runs up to five times on the same broker. **raw**: no web server, the broker \
          laid out as the app lays it out — N lapin consumers like the app's sessions (4 connections, 32 per \
-         channel, prefetch 64, manual acks, each its own queue with x-max-length 1000 drop-head) plus the \
+         channel, prefetch 8, manual acks, each its own queue with x-max-length 1000 drop-head) plus the \
          app's history stream on the exchange (a durable stream `<exchange>.history`, 7 days / 100 MB in \
          25 MB segments, followed by one consumer with prefetch 500 that acks every delivery, so every \
          publish is also written to the stream and read back once) — fed by a lapin publisher in confirm \
