@@ -1,5 +1,5 @@
-//! The figures: CPU shares over a window (app, broker, generator, the rest of the machine),
-//! latency percentiles, and RSS growth as receivers open.
+//! The figures: CPU over a window (app, broker, generator, the rest of the machine), as shares
+//! and per delivery; latency percentiles; and RSS growth as receivers open.
 
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,10 @@ pub struct CpuShare {
     /// Every other process on the machine (other tests, builds...): the machine's busy time
     /// minus the three above.
     pub other: Option<f64>,
+    /// The CPU-seconds behind `app`, `broker` and `generator` (user + system, all threads).
+    pub app_secs: Option<f64>,
+    pub broker_secs: Option<f64>,
+    pub generator_secs: f64,
 }
 
 impl CpuShare {
@@ -40,6 +44,46 @@ impl CpuShare {
             "broker": self.broker.map(round),
             "generator": round(self.generator),
             "other": self.other.map(round),
+        })
+    }
+
+    /// CPU time per delivery over the same window: see [`PerDelivery`].
+    pub fn per_delivery(&self, deliveries: u64) -> PerDelivery {
+        let us = |secs: Option<f64>| secs.filter(|_| deliveries > 0).map(|s| s * 1e6 / deliveries as f64);
+        PerDelivery {
+            app: us(self.app_secs),
+            broker: us(self.broker_secs),
+            generator: us(Some(self.generator_secs)),
+        }
+    }
+}
+
+/// CPU microseconds per delivery: a process's CPU-seconds over a phase's window × 10⁶ / the
+/// copies delivered in it. On a machine where app and broker share the cores, every
+/// microsecond the app spends is taken from the broker, so this is the app's figure to cut; it
+/// also moves less than deliveries/s when other processes take turns on the cores. Read from
+/// /proc in clock ticks (10 ms): a window of a few CPU-seconds reads within a few tenths of a
+/// percent. The broker's includes whatever other clients of the same broker made it do.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PerDelivery {
+    pub app: Option<f64>,
+    pub broker: Option<f64>,
+    pub generator: Option<f64>,
+}
+
+impl PerDelivery {
+    /// `app / broker`, e.g. `12.4 / 31.0`.
+    pub fn describe(&self) -> String {
+        let us = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+        format!("{} / {}", us(self.app), us(self.broker))
+    }
+
+    pub fn to_json(self) -> Value {
+        let round = |v: f64| (v * 100.0).round() / 100.0;
+        json!({
+            "app": self.app.map(round),
+            "broker": self.broker.map(round),
+            "generator": self.generator.map(round),
         })
     }
 }
@@ -70,13 +114,15 @@ impl CpuSample {
     pub fn share(&self) -> CpuShare {
         let end = Self::take(self.app.map(|a| a.0), self.broker.map(|b| b.0));
         let secs = self.at.elapsed().as_secs_f64().max(1e-3);
-        let pct = |ticks: u64| ticks as f64 / clock_ticks() / secs * 100.0;
-        let diff = |a: Option<(u32, u64)>, b: Option<(u32, u64)>| Some(pct(b?.1.saturating_sub(a?.1)));
-        let (app, broker) = (diff(self.app, end.app), diff(self.broker, end.broker));
-        let generator = pct(end.generator.saturating_sub(self.generator));
-        let machine = end.machine.zip(self.machine).map(|(b, a)| pct(b.saturating_sub(a)));
+        let cpu_secs = |ticks: u64| ticks as f64 / clock_ticks();
+        let pct = |cpu_secs: f64| cpu_secs / secs * 100.0;
+        let diff = |a: Option<(u32, u64)>, b: Option<(u32, u64)>| Some(cpu_secs(b?.1.saturating_sub(a?.1)));
+        let (app_secs, broker_secs) = (diff(self.app, end.app), diff(self.broker, end.broker));
+        let generator_secs = cpu_secs(end.generator.saturating_sub(self.generator));
+        let (app, broker, generator) = (app_secs.map(pct), broker_secs.map(pct), pct(generator_secs));
+        let machine = end.machine.zip(self.machine).map(|(b, a)| pct(cpu_secs(b.saturating_sub(a))));
         let other = machine.map(|m| (m - app.unwrap_or(0.0) - broker.unwrap_or(0.0) - generator).max(0.0));
-        CpuShare { app, broker, generator, other }
+        CpuShare { app, broker, generator, other, app_secs, broker_secs, generator_secs }
     }
 }
 

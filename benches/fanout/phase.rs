@@ -9,7 +9,7 @@ use std::{
 
 use crate::{
     DRAIN_GRACE,
-    figures::{CpuSample, CpuShare, quantile_ms},
+    figures::{CpuSample, CpuShare, PerDelivery, quantile_ms},
     message::now_ns,
     plan::{Load, Mode, PACE_TOLERANCE},
     publishers::{PublishStats, Publisher},
@@ -183,6 +183,11 @@ pub async fn run_phase(
 }
 
 impl Delivery {
+    /// CPU µs per copy delivered, of the app, the broker and the generator.
+    pub fn cpu_per_delivery(&self) -> PerDelivery {
+        self.cpu.per_delivery(self.delivered)
+    }
+
     /// Copies delivered per second of publishing: the publisher's pace × the receivers, times
     /// the share of the copies that arrived. `deliveries_per_s` runs from the first publish to
     /// the last delivery, so it also counts the last message's latency as time and reads a little

@@ -100,7 +100,11 @@ pub fn markdown(options: &Options, m: &Machine, scenarios: &[Scenario], started:
          copy over the window from the first publish to the last delivery. *vs raw* is the app's \
          deliveries/s over the same raw run's at the same load (for the target phase, over the raw burst); \
          *p99 − raw* the difference of the p99s. CPU is in % of one core over the window (the machine has \
-         cores × 100 %); *other* is every other process on the machine.\n\n",
+         cores × 100 %); *other* is every other process on the machine. *CPU µs per delivery* is a \
+         process's CPU-seconds over the same window × 10⁶ / the copies delivered in it, for the app and \
+         for the broker: on two cores every microsecond the app spends is taken from the broker, so this \
+         is the app's figure to cut, and it moves less than deliveries/s when other processes take \
+         turns on the cores (read in 10 ms clock ticks; the broker's includes any other client's work).\n\n",
     );
     out.push_str(&tables(scenarios));
     out.push_str(

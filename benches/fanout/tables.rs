@@ -36,7 +36,8 @@ pub fn print_opening(what: &str, open: &Opening) {
 pub fn print_delivery(d: &Delivery) {
     println!(
         "  {:<9} {:<6} {}/{} delivered, {:.0}/s; latency p50 {} p90 {} p99 {} max {} ms; \
-         lost {} dup {} out-of-order {}; published {:.0}/s; CPU app/broker/gen/other {}",
+         lost {} dup {} out-of-order {}; published {:.0}/s; CPU app/broker/gen/other {}; \
+         CPU µs per delivery app/broker {}",
         d.run,
         d.load.name(),
         d.delivered,
@@ -50,7 +51,8 @@ pub fn print_delivery(d: &Delivery) {
         d.duplicated,
         d.reordered,
         d.achieved_rate,
-        d.cpu.describe()
+        d.cpu.describe(),
+        d.cpu_per_delivery().describe()
     );
     for (error, count) in &d.publish_errors {
         println!("    {count} publishes failed: {error}");
@@ -115,6 +117,7 @@ pub fn json_line(s: &Scenario, d: &Delivery) -> Value {
         "gap_missed": d.gap_missed,
         "closed_early": d.closed_early,
         "cpu_pct": d.cpu.to_json(),
+        "cpu_us_per_delivery": d.cpu_per_delivery().to_json(),
         "broker_rss_kib": memory.map(|m| json!({
             "before": m.broker.before_kib,
             "open": m.broker.after_kib,
@@ -157,9 +160,10 @@ pub fn tables(scenarios: &[Scenario]) -> String {
     let mut out = String::new();
     out.push_str(
         "| N | load | run | mode | msgs × rate | delivered | deliveries/s | vs raw | p50 ms | p90 ms | p99 ms \
-         | max ms | p99 − raw | lost / dup / reorder | CPU app / broker / gen / other |\n",
+         | max ms | p99 − raw | lost / dup / reorder | CPU app / broker / gen / other \
+         | CPU µs per delivery app / broker |\n",
     );
-    out.push_str("|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n");
+    out.push_str("|---:|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n");
     for s in scenarios {
         for load in [Load::Steady, Load::Burst, Load::Target] {
             for run in RUNS {
@@ -168,7 +172,7 @@ pub fn tables(scenarios: &[Scenario]) -> String {
                 let raw = s.raw_for(d);
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} × {} | {}/{} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |",
+                    "| {} | {} | {} | {} | {} × {} | {}/{} | {:.0} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} | {} |",
                     s.plan.sessions,
                     load.name(),
                     d.run,
@@ -193,6 +197,7 @@ pub fn tables(scenarios: &[Scenario]) -> String {
                     d.duplicated,
                     d.reordered,
                     d.cpu.describe() + if d.cpu.disturbed() { " ⚠" } else { "" },
+                    d.cpu_per_delivery().describe(),
                 );
             }
         }
