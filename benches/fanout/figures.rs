@@ -126,11 +126,11 @@ impl CpuSample {
     }
 }
 
-/// Waits (bounded, 20 s) until the machine is nearly idle: the queues deleted by the previous
+/// Waits (at most `limit`) until the machine is nearly idle: the queues deleted by the previous
 /// run gone from the broker, and no other test or build hogging the cores. Returns the shares
 /// over the last half second, for the record.
-pub async fn settle(broker: Option<u32>) -> CpuShare {
-    let deadline = Instant::now() + Duration::from_secs(20);
+pub async fn settle(broker: Option<u32>, limit: Duration) -> CpuShare {
+    let deadline = Instant::now() + limit;
     loop {
         let sample = CpuSample::take(None, broker);
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -2,9 +2,14 @@
 //!
 //! ```sh
 //! cargo bench --bench fanout                  # full run (about 10 minutes), writes BENCHMARKS.md
-//! cargo bench --bench fanout -- --quick       # smoke run: N = 10, 100, few messages
+//! cargo bench --bench fanout -- --quick       # while working: N = 1000, raw vs app, < 2 minutes
+//! cargo bench --bench fanout -- --callgrind   # the app's instructions per delivery, N = 1000
 //! cargo bench --bench fanout -- --sessions 100,1000 --messages 500 --rate 20 --mode process
 //! ```
+//!
+//! `--quick` (see `quick.rs`) and `--callgrind` (see `callgrind.rs`) are for use while working:
+//! one N, each phase once, the table printed, BENCHMARKS.md untouched. What follows is the full
+//! run; a quick run is the same with one N, one mode and one publisher, and no target phase.
 //!
 //! `cargo bench` builds `target/release/fanout-chat` itself (a bench target gets the package's
 //! binaries built, with the bench profile, which inherits release). For each number of sessions
@@ -75,6 +80,7 @@
 //! - Figures: `figures.rs` (CPU shares, percentiles, RSS growth), `procfs.rs` (reading /proc).
 //! - Report: `tables.rs` (tables and JSON lines), `verdicts.rs` (targets, generator checks),
 //!   `report.rs` (BENCHMARKS.md).
+//! - While working: `quick.rs` (raw and the app side by side), `callgrind.rs` (instructions).
 
 #![allow(
     clippy::unwrap_used,
@@ -84,6 +90,7 @@
 
 mod app;
 mod broker;
+mod callgrind;
 mod consumers;
 mod figures;
 mod message;
@@ -92,6 +99,7 @@ mod phase;
 mod plan;
 mod procfs;
 mod publishers;
+mod quick;
 mod raw;
 mod receivers;
 mod report;
@@ -108,7 +116,7 @@ use std::{
 
 use crate::{
     message::now_ns,
-    options::{Options, USAGE},
+    options::{Kind, Options, USAGE},
     plan::Plan,
     procfs::find_broker_pid,
     report::{machine, markdown},
@@ -187,18 +195,34 @@ async fn main() {
     // A short unique id for this run's exchanges, queues and replica names.
     let run_id = ulid::Ulid::new().to_string()[20..].to_ascii_lowercase();
 
+    if options.kind == Kind::Callgrind {
+        callgrind::run(&options, &binary, &run_id, broker).await;
+        println!("the run took {:.0} s", started.elapsed().as_secs_f64());
+        return;
+    }
+
     let mut scenarios = Vec::new();
     for &n in &options.sessions {
         let plan = Plan::for_sessions(n, &options);
         let scenario = run_scenario(plan, &options, &binary, &run_id, broker).await;
-        for d in &scenario.runs {
-            println!("{}", json_line(&scenario, d));
+        if options.kind == Kind::Full {
+            for d in &scenario.runs {
+                println!("{}", json_line(&scenario, d));
+            }
         }
         scenarios.push(scenario);
     }
 
     let secs = started.elapsed().as_secs_f64();
     println!("\n{}", tables(&scenarios));
+    if options.kind == Kind::Quick {
+        println!("{}", generator_checks(&scenarios));
+        for s in &scenarios {
+            println!("{}", quick::side_by_side(s));
+        }
+        println!("BENCHMARKS.md left as it is (a quick run never writes it); the run took {secs:.0} s");
+        return;
+    }
     println!("{}", targets(&scenarios));
     println!("{}", generator_checks(&scenarios));
     if options.writes_report() {

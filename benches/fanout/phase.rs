@@ -8,7 +8,6 @@ use std::{
 };
 
 use crate::{
-    DRAIN_GRACE,
     figures::{CpuSample, CpuShare, PerDelivery, quantile_ms},
     message::now_ns,
     plan::{Load, Mode, PACE_TOLERANCE},
@@ -26,6 +25,8 @@ pub struct PhaseSpec {
     pub load: Load,
     pub messages: u32,
     pub rate: f64,
+    /// After the last publish, how long to wait for deliveries still on their way.
+    pub drain: Duration,
 }
 
 impl PhaseSpec {
@@ -104,7 +105,7 @@ pub async fn run_phase(
         let publisher = publisher.clone();
         tokio::spawn(async move { publisher.publish(spec.tag(), spec.load, spec.messages, spec.rate).await })
     };
-    // Until every message has reached every receiver, or DRAIN_GRACE after the publisher
+    // Until every message has reached every receiver, or `spec.drain` after the publisher
     // finished. When some publishes failed (a 503 after the confirm timeout), those may or may
     // not arrive: then until every confirmed one has and nothing arrived for QUIET, so that
     // late copies do not spill into the next phase.
@@ -118,7 +119,7 @@ pub async fn run_phase(
         }
         if stats.is_none() && publishing.is_finished() {
             stats = Some((&mut publishing).await.expect("the publisher task"));
-            deadline = Some(Instant::now() + DRAIN_GRACE);
+            deadline = Some(Instant::now() + spec.drain);
         }
         if let Some(s) = &stats
             && delivered >= receivers * u64::from(s.ok)

@@ -1,7 +1,7 @@
 //! What a run publishes: the plan per N (steady, burst and target phases), the app's fan-out
 //! modes, the loads, and the names of the runs.
 
-use crate::options::Options;
+use crate::options::{Kind, Options};
 
 /// The burst phase stays under the session queues' `x-max-length`: however far delivery falls
 /// behind, no queue can hold more than this many of the phase's messages, so drop-head never
@@ -27,6 +27,13 @@ pub const TARGET_MIN_MESSAGES: u32 = 50;
 /// it did not keep up.
 pub const PACE_TOLERANCE: f64 = 0.98;
 
+/// A quick run's steady phase publishes for about this long (at least
+/// [`QUICK_STEADY_MIN_MESSAGES`]), and its burst about this many deliveries (N × messages).
+const QUICK_STEADY_SECS: f64 = 4.0;
+const QUICK_STEADY_MIN_MESSAGES: u32 = 8;
+const QUICK_BURST_DELIVERIES: usize = 100_000;
+const QUICK_BURST_MIN_MESSAGES: u32 = 20;
+
 /// What one scenario publishes.
 #[derive(Clone, Copy, Debug)]
 pub struct Plan {
@@ -36,26 +43,35 @@ pub struct Plan {
     pub rate: f64,
     /// The burst phase: this many, unpaced (0: no burst phase).
     pub burst: u32,
+    /// Process mode adds its target phase (full runs only).
+    pub target: bool,
 }
 
 impl Plan {
     /// Defaults: see [`STEADY_DELIVERIES_PER_SEC`] and [`BURST_MAX`]. Message counts keep the
     /// whole default run around 10 minutes (each phase runs five times: raw, app-http, app-amqp,
-    /// proc-http, proc-amqp; the process-mode runs add their target phase).
+    /// proc-http, proc-amqp; the process-mode runs add their target phase), and a quick run
+    /// (each phase twice: raw, the app) under two minutes. A callgrind run makes only the quick
+    /// run's burst (at N = 1000, 100,000 deliveries: about 30 s for the app under callgrind).
     pub fn for_sessions(sessions: usize, options: &Options) -> Self {
-        let (messages, burst) = match sessions {
-            _ if options.quick => (200, 200),
-            0..=10 => (2000, BURST_MAX),
-            11..=100 => (1000, BURST_MAX),
-            101..=1000 => (100, 100),
-            _ => (30, 30),
-        };
         let rate = (STEADY_DELIVERIES_PER_SEC / sessions as f64).clamp(1.0, 500.0).round();
+        let quick_steady = ((rate * QUICK_STEADY_SECS).ceil() as u32).max(QUICK_STEADY_MIN_MESSAGES);
+        let quick_burst = u32::try_from(QUICK_BURST_DELIVERIES / sessions).unwrap_or(BURST_MAX);
+        let (messages, burst) = match (options.kind, sessions) {
+            (Kind::Quick | Kind::Callgrind, _) => {
+                (quick_steady, quick_burst.clamp(QUICK_BURST_MIN_MESSAGES, BURST_MAX))
+            }
+            (Kind::Full, 0..=10) => (2000, BURST_MAX),
+            (Kind::Full, 11..=100) => (1000, BURST_MAX),
+            (Kind::Full, 101..=1000) => (100, 100),
+            (Kind::Full, _) => (30, 30),
+        };
         Self {
             sessions,
             messages: options.messages.unwrap_or(messages),
             rate: options.rate.unwrap_or(rate),
             burst: options.burst.unwrap_or(burst),
+            target: options.kind == Kind::Full,
         }
     }
 
@@ -105,18 +121,46 @@ impl Mode {
         arg == self.name() || (self == Self::Session && arg == "per-session")
     }
 
-    /// The names of its runs: by HTTP, by AMQP. Also in its exchange's and replica's names.
-    pub fn runs(self) -> [&'static str; 2] {
-        match self {
-            Self::Session => ["app-http", "app-amqp"],
-            Self::Process => ["proc-http", "proc-amqp"],
+    /// The name of its run by `via`.
+    pub fn run(self, via: Via) -> &'static str {
+        match (self, via) {
+            (Self::Session, Via::Http) => "app-http",
+            (Self::Session, Via::Amqp) => "app-amqp",
+            (Self::Process, Via::Http) => "proc-http",
+            (Self::Process, Via::Amqp) => "proc-amqp",
         }
     }
 
+    /// The names of its runs: by HTTP, by AMQP.
+    pub fn runs(self) -> [&'static str; 2] {
+        Via::ALL.map(|via| self.run(via))
+    }
+
+    /// In its exchange's and replica's names.
     pub fn prefix(self) -> &'static str {
         match self {
             Self::Session => "app",
             Self::Process => "proc",
+        }
+    }
+}
+
+/// How the app runs get their messages to the app.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// `POST /messages`, as a browser does.
+    Http,
+    /// Straight into the app's exchange, by the raw run's publisher, as another service would.
+    Amqp,
+}
+
+impl Via {
+    pub const ALL: [Self; 2] = [Self::Http, Self::Amqp];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Amqp => "amqp",
         }
     }
 }

@@ -8,7 +8,7 @@ use std::{sync::atomic::Ordering::Relaxed, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    STEP_TIMEOUT,
+    DRAIN_GRACE, STEP_TIMEOUT,
     broker::{delete_exchange, delete_queue},
     consumers::{connect_raw, follow_raw_history, open_raw_consumers},
     figures::{CpuSample, Memory, broker_rss},
@@ -56,7 +56,7 @@ pub async fn run_raw(plan: &Plan, run_id: &str, broker: Option<u32>) -> (Setup, 
     let publisher = Publisher::Amqp { channel, exchange: exchange.clone() };
     let mut runs = Vec::new();
     for (load, messages, rate) in plan.phases() {
-        let spec = PhaseSpec { run: "raw", mode: None, load, messages, rate };
+        let spec = PhaseSpec { run: "raw", mode: None, load, messages, rate, drain: DRAIN_GRACE };
         runs.push(run_phase(spec, &fleet, &publisher, (None, broker)).await);
     }
     memory.broker_end_kib = broker_rss(broker);

@@ -100,15 +100,16 @@ pub async fn run_scenario(
     );
 
     // 1. The broker alone.
-    let background = settle(broker).await;
+    let background = settle(broker, options.settle_limit()).await;
     let (raw, mut runs) = run_raw(&plan, run_id, broker).await;
     let raw_ceiling = runs.iter().find(|d| d.load == Load::Burst).map(|d| d.deliveries_per_s);
     let mut setups = vec![raw];
 
     // 2. The app, once per fan-out mode.
     for mode in options.modes() {
-        settle(broker).await;
-        let (setup, app_runs) = run_app(&plan, mode, binary, run_id, broker, raw_ceiling).await;
+        settle(broker, options.settle_limit()).await;
+        let vias = options.vias();
+        let (setup, app_runs) = run_app(&plan, mode, &vias, binary, run_id, broker, raw_ceiling).await;
         setups.push(setup);
         runs.extend(app_runs);
     }

@@ -1,5 +1,5 @@
-//! The app under test: `fanout-chat` started by this tool on a free port with its own exchange,
-//! waited for until ready, and stopped by SIGTERM to its PID.
+//! The app under test: `fanout-chat` started by this tool on a free port with its own exchange
+//! (natively, or under callgrind), waited for until ready, and stopped by SIGTERM to its PID.
 
 use std::{
     io::{BufRead, BufReader},
@@ -19,6 +19,37 @@ pub struct Server {
     pub port: u16,
     /// WARN/ERROR lines it logged (the first few).
     pub warnings: Arc<Mutex<Vec<String>>>,
+    /// How long to wait for it to start, and to stop after SIGTERM.
+    pub patience: Duration,
+    pub stop_limit: Duration,
+}
+
+/// How the app is started.
+#[derive(Clone, Copy, Debug)]
+pub enum Launch<'a> {
+    Native,
+    /// Under `valgrind --tool=callgrind`, its profiles written to this folder; several times
+    /// slower, so every wait on it is longer. Instruction counting starts at once (so that
+    /// `callgrind_control -z` and `-d` can bracket a window); its log goes to the same folder.
+    Callgrind(&'a Path),
+}
+
+impl Launch<'_> {
+    /// How long to wait for the app to start, and to get ready.
+    pub fn patience(self) -> Duration {
+        match self {
+            Self::Native => STEP_TIMEOUT,
+            Self::Callgrind(_) => STEP_TIMEOUT * 10,
+        }
+    }
+
+    /// How long to wait for it to exit after SIGTERM (callgrind writes its profile then).
+    pub fn stop_limit(self) -> Duration {
+        match self {
+            Self::Native => Duration::from_secs(20),
+            Self::Callgrind(_) => Duration::from_secs(120),
+        }
+    }
 }
 
 /// Should the bench fail half-way, the server it started must not outlive it.
@@ -34,8 +65,26 @@ impl Drop for Server {
 impl Server {
     /// Starts `fanout-chat` in `mode` on a free port with its own exchange (and so its own
     /// history stream, `<exchange>.history`) and waits until it is ready.
-    pub async fn start(binary: &Path, exchange: &str, replica: &str, plan: &Plan, mode: Mode) -> Self {
-        let mut command = Command::new(binary);
+    pub async fn start(
+        binary: &Path,
+        exchange: &str,
+        replica: &str,
+        plan: &Plan,
+        mode: Mode,
+        launch: Launch<'_>,
+    ) -> Self {
+        let mut command = match launch {
+            Launch::Native => Command::new(binary),
+            Launch::Callgrind(dir) => {
+                let mut command = Command::new("valgrind");
+                command
+                    .arg("--tool=callgrind")
+                    .arg(format!("--callgrind-out-file={}/callgrind.out.%p", dir.display()))
+                    .arg(format!("--log-file={}/valgrind.%p.log", dir.display()))
+                    .arg(binary);
+                command
+            }
+        };
         // The app at its defaults, which the raw run mirrors: no NOTIFIER_* setting of the
         // shell this runs in (a history stream of another name, another prefetch...) applies.
         for (name, _) in std::env::vars_os() {
@@ -95,14 +144,16 @@ impl Server {
                 }
             }
         });
-        let port: u16 = match port_rx.recv_timeout(STEP_TIMEOUT) {
+        let patience = launch.patience();
+        let port: u16 = match port_rx.recv_timeout(patience) {
             Ok(Some(port)) => port,
             _ => {
                 let _ = child.kill();
-                panic!("fanout-chat did not log its \"listening\" line within {STEP_TIMEOUT:?}");
+                panic!("fanout-chat did not log its \"listening\" line within {patience:?}");
             }
         };
-        let server = Self { child, pid, port, warnings };
+        let stop_limit = launch.stop_limit();
+        let server = Self { child, pid, port, warnings, patience, stop_limit };
         server.wait_until_ready().await;
         // The /readyz polls answered 503 until then, which the app logs as errors.
         server.warnings.lock().unwrap().clear();
@@ -115,7 +166,7 @@ impl Server {
 
     pub async fn wait_until_ready(&self) {
         let http = reqwest::Client::new();
-        let deadline = Instant::now() + STEP_TIMEOUT;
+        let deadline = Instant::now() + self.patience;
         while Instant::now() < deadline {
             if let Ok(r) = http.get(self.url("/readyz")).send().await
                 && r.status() == 200
@@ -125,14 +176,16 @@ impl Server {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!(
-            "fanout-chat did not report ready within {STEP_TIMEOUT:?} (is RabbitMQ at 127.0.0.1:5672 up?)"
+            "fanout-chat did not report ready within {:?} (is RabbitMQ at 127.0.0.1:5672 up?)",
+            self.patience
         );
     }
 
-    /// SIGTERM by PID, then waits for the exit (SIGKILL after 20 s). The exit, for the record.
+    /// SIGTERM by PID, then waits for the exit (SIGKILL after 20 s, 120 s under callgrind). The
+    /// exit, for the record.
     pub fn stop(mut self) -> String {
         let _ = Command::new("kill").args(["-TERM", &self.pid.to_string()]).status();
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + self.stop_limit;
         loop {
             match self.child.try_wait() {
                 Ok(Some(status)) => return status.to_string(),
@@ -140,7 +193,7 @@ impl Server {
                 _ => {
                     let _ = self.child.kill();
                     let _ = self.child.wait();
-                    return "killed after 20 s without exiting".into();
+                    return format!("killed after {:?} without exiting", self.stop_limit);
                 }
             }
         }
