@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::{
-    figures::PerDelivery,
+    phase::Delivery,
     plan::{Load, describe_rate},
     scenario::Scenario,
     tables::{ms, ratio},
@@ -22,9 +22,8 @@ pub fn side_by_side(s: &Scenario) -> String {
     for load in [Load::Steady, Load::Burst] {
         let Some(raw) = s.find("raw", load) else { continue };
         for app in s.runs.iter().filter(|d| d.mode.is_some() && d.load == load) {
-            let (raw_cpu, app_cpu): (PerDelivery, PerDelivery) =
-                (raw.cpu_per_delivery(), app.cpu_per_delivery());
-            let other = |d: &crate::phase::Delivery| {
+            let (raw_cpu, app_cpu) = (raw.cpu_per_delivery(), app.cpu_per_delivery());
+            let other = |d: &Delivery| {
                 let pct = d.cpu.other.map_or("-".into(), |o| format!("{o:.0}%"));
                 if d.cpu.disturbed() { pct + " ⚠" } else { pct }
             };
