@@ -85,6 +85,8 @@ struct Shared {
     link: watch::Receiver<LinkState>,
     /// Where new connections go.
     addresses: Addresses,
+    /// Each message decoded once for all the sessions of the process.
+    frames: codec::Frames,
     /// Why the broker blocked the publishing connection, while it does (`connection.blocked`).
     blocked: std::sync::Mutex<Option<String>>,
     /// When the link was lost, while it is down (see [`publish`]).
@@ -131,6 +133,7 @@ impl RabbitBus {
         let lanes = if local.is_some() { 0 } else { config.consumer_connections };
         let shared = Arc::new(Shared {
             addresses: Addresses::new(&config),
+            frames: codec::Frames::new(),
             down_since: std::sync::Mutex::new(None),
             blocked: std::sync::Mutex::new(None),
             lanes: Lanes::new(lanes),

@@ -34,7 +34,7 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    RabbitBus, channels::SlotLease, codec::frame, declare::declare_exclusive_bound, link::backoff,
+    RabbitBus, channels::SlotLease, declare::declare_exclusive_bound, link::backoff,
     overflow::bounded_queue,
 };
 use crate::bus::{Ack, BusError, Event, Live};
@@ -221,7 +221,7 @@ impl RabbitSubscription {
                             if data.len() > self.bus.0.max_frame_bytes {
                                 return Some(Event::Oversized { bytes: data.len(), ack: Ack(acker) });
                             }
-                            let frame = frame(data, &properties);
+                            let frame = self.bus.0.frames.frame(data, &properties);
                             if properties.message_id().is_some() {
                                 // A copy seen already: a publish sent again after its confirm
                                 // was lost (same id, body and timestamp, so the same key).
