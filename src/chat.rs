@@ -11,7 +11,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 pub const MAX_USER_BYTES: usize = 64;
 
 /// One chat message as it travels through the exchange and reaches every browser.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
     /// A ULID: unique, and sortable by the time the server accepted the message.
@@ -208,9 +208,12 @@ pub struct NewMessage {
 }
 
 /// A message as submitted, before validation.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct Draft {
+    /// The text: required, not empty, at most the configured bytes (4,096 by default); no
+    /// control characters but tab and line breaks.
     pub text: Option<String>,
+    /// The sender's name: at most 64 bytes; no control characters or bidirectional overrides.
     pub user: Option<String>,
 }
 

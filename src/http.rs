@@ -4,6 +4,7 @@ mod auth;
 mod client;
 mod error;
 mod messages;
+pub mod openapi;
 mod pages;
 mod probes;
 mod ws;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(probes::healthz))
         .route("/readyz", get(probes::readyz))
         .route("/metrics", get(probes::metrics))
+        .route("/openapi.json", get(openapi::serve))
         .nest("/static", static_files)
         .fallback(|| async { AppError::NotFound })
         .method_not_allowed_fallback(|| async { AppError::MethodNotAllowed })

@@ -8,7 +8,6 @@ use axum::{
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
-use serde_json::json;
 
 use crate::{bus::BusError, chat::InvalidMessage, limits::Limited};
 
@@ -97,7 +96,8 @@ impl IntoResponse for AppError {
         if let Self::Render(e) = &self {
             tracing::error!(error = %e, "template rendering failed");
         }
-        let mut response = (status, Json(json!({ "error": self.public_message() }))).into_response();
+        let body = super::openapi::ErrorBody { error: self.public_message() };
+        let mut response = (status, Json(body)).into_response();
         let retry_after = match &self {
             Self::Limited(limited) => Some(limited.retry_after_secs()),
             // An alarm clears when the broker frees memory or disk: not within a second.

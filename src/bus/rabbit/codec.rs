@@ -111,13 +111,17 @@ mod tests {
     use super::*;
 
     fn props(id: &str) -> BasicProperties {
-        BasicProperties::default().with_message_id(id.into()).with_timestamp(1).with_app_id("fanout-chat".into())
+        BasicProperties::default()
+            .with_message_id(id.into())
+            .with_timestamp(1)
+            .with_app_id("fanout-chat".into())
     }
 
     #[test]
     fn copies_of_a_message_share_one_frame_and_nothing_else_does() {
         let frames = Frames::new();
-        let body = r#"{"id":"01M94N6EXYPF95DD9R8TWWMBCA","text":"hi","user":"ada","ts":"2026-12-06T03:00:00.000Z"}"#;
+        let body =
+            r#"{"id":"01M94N6EXYPF95DD9R8TWWMBCA","text":"hi","user":"ada","ts":"2026-12-06T03:00:00.000Z"}"#;
         let first = frames.frame(body.as_bytes().to_vec(), &props("01M94N6EXYPF95DD9R8TWWMBCA"));
         let second = frames.frame(body.as_bytes().to_vec(), &props("01M94N6EXYPF95DD9R8TWWMBCA"));
         assert_eq!((first.text(), first.key()), (second.text(), second.key()));

@@ -34,8 +34,7 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    RabbitBus, channels::SlotLease, declare::declare_exclusive_bound, link::backoff,
-    overflow::bounded_queue,
+    RabbitBus, channels::SlotLease, declare::declare_exclusive_bound, link::backoff, overflow::bounded_queue,
 };
 use crate::bus::{Ack, BusError, Event, Live};
 
