@@ -6,10 +6,7 @@
 //! last messages, so each message is decoded once per process and the other copies share its
 //! frame.
 
-use std::{
-    hash::{BuildHasher, Hash, Hasher},
-    sync::Mutex,
-};
+use std::{hash::BuildHasher, sync::Mutex};
 
 use lapin::BasicProperties;
 
@@ -80,9 +77,7 @@ impl Frames {
         let Some(id) = p.message_id().as_ref().map(|s| s.as_str()) else { return frame(body, p) };
         let timestamp = *p.timestamp();
         let app_id = p.app_id().as_ref().map(|s| s.as_str());
-        let mut hasher = self.hasher.build_hasher();
-        id.hash(&mut hasher);
-        let slot = &self.slots[(hasher.finish() as usize) % SLOTS];
+        let slot = &self.slots[(self.hasher.hash_one(id) as usize) % SLOTS];
         if let Some(cached) = &*slot.lock().unwrap_or_else(|p| p.into_inner())
             && cached.message_id == id
             && cached.timestamp == timestamp
