@@ -1,11 +1,15 @@
-//! Counters and a latency histogram, rendered in the Prometheus text format at `/metrics`.
+//! Counters, gauges and a latency histogram, served at `/metrics` in the Prometheus text format
+//! (version 0.0.4), encoded by `prometheus-client`.
 //!
-//! Hand-rolled on atomics rather than a global recorder so that each [`crate::app::Application`]
-//! (several run in one test process) has its own figures.
+//! Each [`Metrics`] has its own [`Registry`] rather than a global recorder, so that each
+//! [`crate::app::Application`] (several run in one test process) has its own figures. The
+//! counters and gauges are plain atomics that the bus and the HTTP handlers move directly (the
+//! fields of [`Figures`], reached through `Deref`); a [`Collector`] reads them at scrape time.
+//! The histogram is `prometheus-client`'s own.
 
 use std::{
     collections::BTreeMap,
-    fmt::Write,
+    ops::Deref,
     sync::{
         Arc, Mutex,
         atomic::{AtomicI64, AtomicU64, Ordering::Relaxed},
@@ -13,13 +17,28 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, prometheus_text},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
+    registry::Registry,
+};
+
 /// Upper bounds, in seconds, of the publish latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
 /// Every figure the process exports.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Metrics {
+    figures: Arc<Figures>,
+    registry: Registry,
+    publish_latency: Histogram,
+}
+
+/// The counters and gauges: atomics, moved where things happen and read at each scrape.
+#[derive(Debug, Default)]
+pub struct Figures {
     pub sessions_open: AtomicI64,
     pub sessions_total: AtomicU64,
     pub published: AtomicU64,
@@ -50,7 +69,6 @@ pub struct Metrics {
     /// Per service key name: messages published, and refused (rate, bad message, broker).
     /// Only names of configured keys get here, so the label set is bounded.
     by_key: Mutex<BTreeMap<Arc<str>, KeyCounts>>,
-    publish_latency: Histogram,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -59,23 +77,33 @@ struct KeyCounts {
     refused: u64,
 }
 
-#[derive(Debug, Default)]
-struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
+impl Deref for Metrics {
+    type Target = Figures;
+
+    fn deref(&self) -> &Figures {
+        &self.figures
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let figures = Arc::new(Figures::default());
+        let publish_latency = Histogram::new(LATENCY_BUCKETS);
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Scrape(figures.clone())));
+        registry.register(
+            "fanout_chat_publish_duration_seconds",
+            "time from publish to broker confirmation",
+            publish_latency.clone(),
+        );
+        Self { figures, registry, publish_latency }
+    }
 }
 
 impl Metrics {
     /// Records how long the broker took to confirm one publish.
     pub fn observe_publish(&self, took: Duration) {
-        let h = &self.publish_latency;
-        let secs = took.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
-            h.buckets[i].fetch_add(1, Relaxed);
-        }
-        h.count.fetch_add(1, Relaxed);
-        h.sum_micros.fetch_add(took.as_micros() as u64, Relaxed);
+        self.publish_latency.observe(took.as_secs_f64());
     }
 
     pub fn count_auth_failure(&self) {
@@ -98,131 +126,129 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every figure.
+    /// The Prometheus text exposition (version 0.0.4) of every figure.
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let counters: [(&str, &str, &AtomicU64); 17] = [
-            (
-                "fanout_chat_auth_failures_total",
-                "requests refused (401) for an Authorization header that is not a valid API key",
-                &self.auth_failures,
-            ),
-            (
-                "fanout_chat_origin_refused_total",
-                "browser requests refused (403) for an Origin that is not allowed",
-                &self.origins_refused,
-            ),
-            (
-                "fanout_chat_queue_overflow_total",
-                "messages dropped from full session queues (x-max-length), each shown to its session as a gap",
-                &self.queue_overflow,
-            ),
-            ("fanout_chat_sessions_total", "WebSocket sessions opened", &self.sessions_total),
-            (
-                "fanout_chat_messages_published_total",
-                "messages published and confirmed by the bus",
-                &self.published,
-            ),
-            (
-                "fanout_chat_publish_failures_total",
-                "publishes refused with 503 (broker down, nack or timeout)",
-                &self.publish_failures,
-            ),
-            (
-                "fanout_chat_messages_delivered_total",
-                "message frames written to WebSocket sessions",
-                &self.delivered,
-            ),
-            (
-                "fanout_chat_messages_skipped_total",
-                "messages a session skipped: it fell behind (embedded bus) or the message was too large",
-                &self.skipped,
-            ),
-            (
-                "fanout_chat_rejected_frames_total",
-                "WebSocket frames refused (binary, oversized, invalid)",
-                &self.rejected_frames,
-            ),
-            (
-                "fanout_chat_slow_sessions_closed_total",
-                "sessions closed because their browser stopped reading",
-                &self.slow_sessions_closed,
-            ),
-            ("fanout_chat_broker_connects_total", "successful broker (re)connections", &self.broker_connects),
-            ("fanout_chat_broker_disconnects_total", "broker connections lost", &self.broker_disconnects),
-            (
-                "fanout_chat_broker_reconnects_total",
-                "broker connections re-established after a loss",
-                &self.broker_reconnects,
-            ),
-            (
-                "fanout_chat_session_resubscribes_total",
-                "session queues and consumers re-created after a broker or channel failure",
-                &self.resubscribes,
-            ),
-            (
-                "fanout_chat_consumer_connection_losses_total",
-                "consumer connections lost (only their sessions are interrupted)",
-                &self.consumer_connection_losses,
-            ),
-            (
-                "fanout_chat_republished_total",
-                "publishes sent again, with the same message id, after their connection was lost before the confirm",
-                &self.republished,
-            ),
-            (
-                "fanout_chat_duplicates_dropped_total",
-                "copies of a message id already delivered, dropped instead of shown twice",
-                &self.duplicates_dropped,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", value.load(Relaxed));
-        }
-        let name = "fanout_chat_key_messages_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} messages posted with a service API key, by key name: published or refused\n# TYPE {name} counter"
-        );
-        let by_key = self.by_key.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        for (key, counts) in by_key {
-            let _ = writeln!(out, "{name}{{key=\"{key}\",result=\"published\"}} {}", counts.published);
-            let _ = writeln!(out, "{name}{{key=\"{key}\",result=\"refused\"}} {}", counts.refused);
-        }
-        let gauges: [(&str, &str, &AtomicI64); 3] = [
-            ("fanout_chat_sessions_open", "WebSocket sessions open now", &self.sessions_open),
-            ("fanout_chat_broker_ready", "1 when the bus can publish, else 0", &self.broker_ready),
-            (
-                "fanout_chat_consumer_connections_up",
-                "broker connections carrying sessions that are up now",
-                &self.consumer_connections_up,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ =
-                writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}", value.load(Relaxed));
-        }
-        let name = "fanout_chat_broker_last_outage_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} time from losing the broker link to being ready again, for the last loss\n# TYPE {name} gauge\n{name} {}",
-            self.broker_last_outage_ms.load(Relaxed) as f64 / 1e3
-        );
-        let name = "fanout_chat_publish_duration_seconds";
-        let _ =
-            writeln!(out, "# HELP {name} time from publish to broker confirmation\n# TYPE {name} histogram");
-        let h = &self.publish_latency;
-        let mut cumulative = 0;
-        for (bound, bucket) in LATENCY_BUCKETS.iter().zip(&h.buckets) {
-            cumulative += bucket.load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let count = h.count.load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "{name}_sum {}", h.sum_micros.load(Relaxed) as f64 / 1e6);
-        let _ = writeln!(out, "{name}_count {count}");
+        let mut out = String::with_capacity(8192);
+        // Writing to a String cannot fail, and neither can the collector.
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// Counters: the name each is exposed under, its help, and its atomic. The encoder adds the
+/// `_total` of a counter itself, so it is taken off the name first.
+type Reading = fn(&Figures) -> &AtomicU64;
+const COUNTERS: [(&str, &str, Reading); 17] = [
+    (
+        "fanout_chat_auth_failures_total",
+        "requests refused (401) for an Authorization header that is not a valid API key",
+        |f| &f.auth_failures,
+    ),
+    (
+        "fanout_chat_origin_refused_total",
+        "browser requests refused (403) for an Origin that is not allowed",
+        |f| &f.origins_refused,
+    ),
+    (
+        "fanout_chat_queue_overflow_total",
+        "messages dropped from full session queues (x-max-length), each shown to its session as a gap",
+        |f| &f.queue_overflow,
+    ),
+    ("fanout_chat_sessions_total", "WebSocket sessions opened", |f| &f.sessions_total),
+    ("fanout_chat_messages_published_total", "messages published and confirmed by the bus", |f| &f.published),
+    (
+        "fanout_chat_publish_failures_total",
+        "publishes refused with 503 (broker down, nack or timeout)",
+        |f| &f.publish_failures,
+    ),
+    ("fanout_chat_messages_delivered_total", "message frames written to WebSocket sessions", |f| {
+        &f.delivered
+    }),
+    (
+        "fanout_chat_messages_skipped_total",
+        "messages a session skipped: it fell behind (embedded bus) or the message was too large",
+        |f| &f.skipped,
+    ),
+    ("fanout_chat_rejected_frames_total", "WebSocket frames refused (binary, oversized, invalid)", |f| {
+        &f.rejected_frames
+    }),
+    (
+        "fanout_chat_slow_sessions_closed_total",
+        "sessions closed because their browser stopped reading",
+        |f| &f.slow_sessions_closed,
+    ),
+    ("fanout_chat_broker_connects_total", "successful broker (re)connections", |f| &f.broker_connects),
+    ("fanout_chat_broker_disconnects_total", "broker connections lost", |f| &f.broker_disconnects),
+    ("fanout_chat_broker_reconnects_total", "broker connections re-established after a loss", |f| {
+        &f.broker_reconnects
+    }),
+    (
+        "fanout_chat_session_resubscribes_total",
+        "session queues and consumers re-created after a broker or channel failure",
+        |f| &f.resubscribes,
+    ),
+    (
+        "fanout_chat_consumer_connection_losses_total",
+        "consumer connections lost (only their sessions are interrupted)",
+        |f| &f.consumer_connection_losses,
+    ),
+    (
+        "fanout_chat_republished_total",
+        "publishes sent again, with the same message id, after their connection was lost before the confirm",
+        |f| &f.republished,
+    ),
+    (
+        "fanout_chat_duplicates_dropped_total",
+        "copies of a message id already delivered, dropped instead of shown twice",
+        |f| &f.duplicates_dropped,
+    ),
+];
+
+type GaugeReading = fn(&Figures) -> &AtomicI64;
+const GAUGES: [(&str, &str, GaugeReading); 3] = [
+    ("fanout_chat_sessions_open", "WebSocket sessions open now", |f| &f.sessions_open),
+    ("fanout_chat_broker_ready", "1 when the bus can publish, else 0", |f| &f.broker_ready),
+    ("fanout_chat_consumer_connections_up", "broker connections carrying sessions that are up now", |f| {
+        &f.consumer_connections_up
+    }),
+];
+
+/// Reads the atomics of [`Figures`] at each scrape.
+#[derive(Debug)]
+struct Scrape(Arc<Figures>);
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let figures = &*self.0;
+        for (name, help, read) in COUNTERS {
+            let family = name.strip_suffix("_total").unwrap_or(name);
+            let counter = ConstCounter::new(read(figures).load(Relaxed));
+            counter.encode(encoder.encode_descriptor(family, help, None, MetricType::Counter)?)?;
+        }
+        let by_key = figures.by_key.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut family = encoder.encode_descriptor(
+            "fanout_chat_key_messages",
+            "messages posted with a service API key, by key name: published or refused",
+            None,
+            MetricType::Counter,
+        )?;
+        for (key, counts) in &by_key {
+            for (result, count) in [("published", counts.published), ("refused", counts.refused)] {
+                let labels = [("key", &**key), ("result", result)];
+                ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        for (name, help, read) in GAUGES {
+            let gauge = ConstGauge::new(read(figures).load(Relaxed));
+            gauge.encode(encoder.encode_descriptor(name, help, None, MetricType::Gauge)?)?;
+        }
+        let outage = ConstGauge::new(figures.broker_last_outage_ms.load(Relaxed) as f64 / 1e3);
+        outage.encode(encoder.encode_descriptor(
+            "fanout_chat_broker_last_outage_seconds",
+            "time from losing the broker link to being ready again, for the last loss",
+            None,
+            MetricType::Gauge,
+        )?)
     }
 }
 
@@ -238,7 +264,26 @@ mod tests {
         let text = m.render();
         assert!(text.contains("fanout_chat_publish_duration_seconds_bucket{le=\"0.0005\"} 1"), "{text}");
         assert!(text.contains("fanout_chat_publish_duration_seconds_bucket{le=\"0.005\"} 2"), "{text}");
+        assert!(text.contains("fanout_chat_publish_duration_seconds_bucket{le=\"+Inf\"} 2"), "{text}");
         assert!(text.contains("fanout_chat_publish_duration_seconds_count 2"), "{text}");
+    }
+
+    #[test]
+    fn counters_keep_their_names_and_types() {
+        let m = Metrics::default();
+        m.sessions_total.fetch_add(3, Relaxed);
+        m.sessions_open.fetch_add(2, Relaxed);
+        m.broker_last_outage_ms.store(1500, Relaxed);
+        let text = m.render();
+        for (name, _, _) in COUNTERS {
+            assert!(name.ends_with("_total"), "{name}");
+            assert!(text.contains(&format!("# TYPE {name} counter\n")), "{name}:\n{text}");
+        }
+        assert!(text.contains("# TYPE fanout_chat_key_messages_total counter\n"), "{text}");
+        assert!(text.contains("\nfanout_chat_sessions_total 3\n"), "{text}");
+        assert!(text.contains("\nfanout_chat_sessions_open 2\n"), "{text}");
+        assert!(text.contains("\nfanout_chat_broker_last_outage_seconds 1.5\n"), "{text}");
+        assert!(!text.contains("_total_total"), "{text}");
     }
 
     #[test]
