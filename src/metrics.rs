@@ -1,11 +1,11 @@
-//! Counters, gauges and a latency histogram, served at `/metrics` in the Prometheus text format
+//! Counters, gauges and latency histograms, served at `/metrics` in the Prometheus text format
 //! (version 0.0.4), encoded by `prometheus-client`.
 //!
 //! Each [`Metrics`] has its own [`Registry`] rather than a global recorder, so that each
 //! [`crate::app::Application`] (several run in one test process) has its own figures. The
 //! counters and gauges are plain atomics that the bus and the HTTP handlers move directly (the
 //! fields of [`Figures`], reached through `Deref`); a [`Collector`] reads them at scrape time.
-//! The histogram is `prometheus-client`'s own.
+//! The histograms are `prometheus-client`'s own.
 
 use std::{
     collections::BTreeMap,
@@ -28,12 +28,17 @@ use prometheus_client::{
 const LATENCY_BUCKETS: [f64; 12] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
+/// Upper bounds, in seconds, of the session duration buckets: a second to a day.
+const SESSION_BUCKETS: [f64; 12] =
+    [1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
+
 /// Every figure the process exports.
 #[derive(Debug)]
 pub struct Metrics {
     figures: Arc<Figures>,
     registry: Registry,
     publish_latency: Histogram,
+    session_duration: Histogram,
 }
 
 /// The counters and gauges: atomics, moved where things happen and read at each scrape.
@@ -89,6 +94,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let figures = Arc::new(Figures::default());
         let publish_latency = Histogram::new(LATENCY_BUCKETS);
+        let session_duration = Histogram::new(SESSION_BUCKETS);
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Scrape(figures.clone())));
         registry.register(
@@ -96,7 +102,12 @@ impl Default for Metrics {
             "time from publish to broker confirmation",
             publish_latency.clone(),
         );
-        Self { figures, registry, publish_latency }
+        registry.register(
+            "fanout_chat_session_duration_seconds",
+            "how long WebSocket sessions lasted, observed as each ends",
+            session_duration.clone(),
+        );
+        Self { figures, registry, publish_latency, session_duration }
     }
 }
 
@@ -104,6 +115,11 @@ impl Metrics {
     /// Records how long the broker took to confirm one publish.
     pub fn observe_publish(&self, took: Duration) {
         self.publish_latency.observe(took.as_secs_f64());
+    }
+
+    /// Records how long a WebSocket session lasted, as it ends.
+    pub fn observe_session(&self, lasted: Duration) {
+        self.session_duration.observe(lasted.as_secs_f64());
     }
 
     pub fn count_auth_failure(&self) {

@@ -130,6 +130,7 @@ impl Session {
         let metrics = self.state.metrics.clone();
         metrics.sessions_open.fetch_add(1, Relaxed);
         metrics.sessions_total.fetch_add(1, Relaxed);
+        let opened = Instant::now();
         tracing::info!("session opened");
         let end = self.serve().await;
         if let End::Close(code, reason) = end {
@@ -139,6 +140,7 @@ impl Session {
                     .await;
         }
         metrics.sessions_open.fetch_sub(1, Relaxed);
+        metrics.observe_session(opened.elapsed());
         tracing::info!("session closed");
         // Dropping the subscription cancels the consumer; the auto-delete queue goes with it.
     }
