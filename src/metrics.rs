@@ -23,14 +23,25 @@ use prometheus_client::{
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge, histogram::Histogram},
     registry::Registry,
 };
+use serde::Deserialize;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// Upper bounds, in seconds, of the publish latency histogram buckets.
 const LATENCY_BUCKETS: [f64; 12] =
     [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
 
+/// Upper bounds, in seconds, of the delivery latency buckets. The publish time is an envelope's
+/// `ts`, in whole milliseconds, so nothing finer than a few milliseconds means anything; the top
+/// buckets catch deliveries held up by a broker outage.
+const DELIVERY_BUCKETS: [f64; 14] =
+    [0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
 /// Upper bounds, in seconds, of the session duration buckets: a second to a day.
 const SESSION_BUCKETS: [f64; 12] =
     [1.0, 10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0, 28800.0, 86400.0];
+
+/// One message frame in this many, per session, has its delivery latency measured.
+pub const DELIVERY_SAMPLE: u32 = 16;
 
 /// Every figure the process exports.
 #[derive(Debug)]
@@ -38,6 +49,7 @@ pub struct Metrics {
     figures: Arc<Figures>,
     registry: Registry,
     publish_latency: Histogram,
+    delivery_latency: Histogram,
     session_duration: Histogram,
 }
 
@@ -94,6 +106,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let figures = Arc::new(Figures::default());
         let publish_latency = Histogram::new(LATENCY_BUCKETS);
+        let delivery_latency = Histogram::new(DELIVERY_BUCKETS);
         let session_duration = Histogram::new(SESSION_BUCKETS);
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Scrape(figures.clone())));
@@ -103,11 +116,21 @@ impl Default for Metrics {
             publish_latency.clone(),
         );
         registry.register(
+            "fanout_chat_delivery_latency_seconds",
+            format!(
+                "time from a message's ts (when a server accepted it) to its WebSocket frame being \
+                 flushed; sampled, one message frame in {DELIVERY_SAMPLE} per session, as reading ts \
+                 parses the frame's JSON on the hottest path; messages older than the session (a \
+                 resume's replay) are not counted"
+            ),
+            delivery_latency.clone(),
+        );
+        registry.register(
             "fanout_chat_session_duration_seconds",
             "how long WebSocket sessions lasted, observed as each ends",
             session_duration.clone(),
         );
-        Self { figures, registry, publish_latency, session_duration }
+        Self { figures, registry, publish_latency, delivery_latency, session_duration }
     }
 }
 
@@ -268,6 +291,67 @@ impl Collector for Scrape {
     }
 }
 
+/// Times the delivery of one message frame in [`DELIVERY_SAMPLE`] of a WebSocket session, from
+/// its publish (the envelope's `ts`) to its frame being flushed to the socket.
+///
+/// Reading `ts` means parsing the frame's JSON, which the delivery path otherwise never does,
+/// so only a sample is read: per frame the cost is a counter. Frames of messages published
+/// before the session opened (what a resuming session is replayed) are not timed: their wait
+/// is the browser's absence, not delivery.
+#[derive(Debug)]
+pub struct DeliveryClock {
+    opened: OffsetDateTime,
+    frames: u32,
+    /// The publish time of the sampled frame written and not yet flushed.
+    pending: Option<OffsetDateTime>,
+}
+
+/// The fields of an envelope the clock reads.
+#[derive(Deserialize)]
+struct Stamp<'a> {
+    ts: &'a str,
+}
+
+impl DeliveryClock {
+    /// A clock for a session opening now (before its subscription is made).
+    pub fn new() -> Self {
+        let now = OffsetDateTime::now_utc();
+        // In whole milliseconds, as `ts` is.
+        let opened = now.replace_millisecond(now.millisecond()).unwrap_or(now);
+        Self { opened, frames: 0, pending: None }
+    }
+
+    /// Called with each message frame before it is written: reads the publish time of one in
+    /// [`DELIVERY_SAMPLE`], starting with the first (at most one per flush: in a burst the first
+    /// of a batch is timed).
+    pub fn frame(&mut self, text: &str) {
+        let sampled = self.frames.is_multiple_of(DELIVERY_SAMPLE);
+        self.frames = self.frames.wrapping_add(1);
+        if !sampled || self.pending.is_some() {
+            return;
+        }
+        self.pending = serde_json::from_str::<Stamp<'_>>(text)
+            .ok()
+            .and_then(|stamp| OffsetDateTime::parse(stamp.ts, &Rfc3339).ok())
+            .filter(|published| *published >= self.opened);
+    }
+
+    /// Called once the frames written so far are flushed: records the sampled one, if any.
+    pub fn flushed(&mut self, metrics: &Metrics) {
+        if let Some(published) = self.pending.take() {
+            // Another replica's clock may be a little ahead: a negative wait counts as none.
+            let waited = (OffsetDateTime::now_utc() - published).as_seconds_f64().max(0.0);
+            metrics.delivery_latency.observe(waited);
+        }
+    }
+}
+
+impl Default for DeliveryClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -318,5 +402,43 @@ mod tests {
             text.contains("fanout_chat_key_messages_total{key=\"billing\",result=\"refused\"} 1"),
             "{text}"
         );
+    }
+
+    fn sample(m: &Metrics, name: &str) -> f64 {
+        let text = m.render();
+        let value = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
+        value.and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    }
+
+    fn frame_published(at: OffsetDateTime) -> String {
+        let ts = crate::chat::ts_from_millis((at.unix_timestamp_nanos() / 1_000_000) as i64);
+        format!(r#"{{"id":"01M94N6EXYPF95DD9R8TWWMBCA","text":"\"ts\":\"1970\"","ts":"{ts}"}}"#)
+    }
+
+    #[test]
+    fn one_frame_in_the_sample_is_timed_and_replays_are_not() {
+        let m = Metrics::default();
+        let mut clock = DeliveryClock::new();
+        clock.opened -= time::Duration::seconds(10);
+        // Published before the session opened: a replay, not timed.
+        clock.frame(&frame_published(clock.opened - time::Duration::seconds(60)));
+        clock.flushed(&m);
+        // Skipped by the sample.
+        for _ in 1..DELIVERY_SAMPLE {
+            clock.frame(&frame_published(OffsetDateTime::now_utc()));
+            clock.flushed(&m);
+        }
+        assert_eq!(sample(&m, "fanout_chat_delivery_latency_seconds_count"), 0.0);
+        clock.frame(&frame_published(OffsetDateTime::now_utc() - time::Duration::milliseconds(250)));
+        clock.flushed(&m);
+        assert_eq!(sample(&m, "fanout_chat_delivery_latency_seconds_count"), 1.0);
+        let waited = sample(&m, "fanout_chat_delivery_latency_seconds_sum");
+        assert!((0.24..5.0).contains(&waited), "{waited}");
+        // Not an envelope: nothing timed, nothing broken.
+        for _ in 0..DELIVERY_SAMPLE {
+            clock.frame("plain");
+            clock.flushed(&m);
+        }
+        assert_eq!(sample(&m, "fanout_chat_delivery_latency_seconds_count"), 1.0);
     }
 }
