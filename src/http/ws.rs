@@ -30,6 +30,7 @@ use crate::{
     bus::{Ack, Event, Subscription},
     chat::{Draft, Envelope, is_from_the_future, ts_from_millis},
     limits::SessionPermit,
+    metrics::DeliveryClock,
     state::{AppState, STALL_GRACE},
 };
 
@@ -77,6 +78,7 @@ pub async fn upgrade(
     }
     let permit = state.limits.admit_session(client)?;
     let session = ulid::Ulid::new().to_string();
+    let clock = DeliveryClock::new();
     let subscription = state.bus.subscribe(&session, since.as_deref()).await?;
     let frame_limit = state.config.max_frame_bytes();
     let span = tracing::info_span!("session", id = %session, replica = %state.config.replica);
@@ -100,6 +102,7 @@ pub async fn upgrade(
                 socket,
                 subscription,
                 acks: Vec::new(),
+                clock,
                 _permit: permit,
             };
             sessions.track_future(session.run().instrument(span))
@@ -114,6 +117,8 @@ struct Session {
     subscription: Subscription,
     /// Acks of the frames in the batch being written; kept to reuse its allocation.
     acks: Vec<Ack>,
+    /// Times the delivery of a sample of its message frames.
+    clock: DeliveryClock,
     /// This session's place under the session limits, freed when the session ends.
     _permit: SessionPermit,
 }
@@ -130,6 +135,7 @@ impl Session {
         let metrics = self.state.metrics.clone();
         metrics.sessions_open.fetch_add(1, Relaxed);
         metrics.sessions_total.fetch_add(1, Relaxed);
+        let opened = Instant::now();
         tracing::info!("session opened");
         let end = self.serve().await;
         if let End::Close(code, reason) = end {
@@ -139,6 +145,7 @@ impl Session {
                     .await;
         }
         metrics.sessions_open.fetch_sub(1, Relaxed);
+        metrics.observe_session(opened.elapsed());
         tracing::info!("session closed");
         // Dropping the subscription cancels the consumer; the auto-delete queue goes with it.
     }
@@ -205,6 +212,7 @@ impl Session {
             }
         }
         self.flush().await?;
+        self.clock.flushed(&self.state.metrics);
         for ack in acks.drain(..) {
             ack.send();
         }
@@ -219,6 +227,7 @@ impl Session {
     async fn write(&mut self, event: Event, acks: &mut Vec<Ack>) -> Result<(), End> {
         match event {
             Event::Message(frame, ack) => {
+                self.clock.frame(frame.text());
                 self.feed(Message::Text(frame.into_text())).await?;
                 self.state.metrics.delivered.fetch_add(1, Relaxed);
                 acks.extend(ack);

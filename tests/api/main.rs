@@ -13,6 +13,7 @@ mod history;
 mod interop;
 mod limits;
 mod messages;
+mod metrics_scrape;
 mod operations;
 mod page;
 mod process;
