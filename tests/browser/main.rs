@@ -13,5 +13,7 @@ mod helpers;
 #[allow(dead_code, reason = "the browser tests use only part of the proxy")]
 mod chaos;
 
+mod accessibility;
 mod driver;
+mod reading;
 mod scenarios;

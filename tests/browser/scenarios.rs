@@ -11,10 +11,12 @@ use crate::{
     helpers::{BusKind, TestApp, service, spawn_app, spawn_app_with, test_config},
 };
 
-const DESKTOP: (u32, u32) = (1280, 800);
-const PHONE: (u32, u32) = (390, 844);
+pub const DESKTOP: (u32, u32) = (1280, 800);
+pub const PHONE: (u32, u32) = (390, 844);
+/// Chromium's flags for the dark colour scheme.
+pub const DARK: [&str; 2] = ["--force-dark-mode", "--blink-settings=preferredColorScheme=0"];
 
-async fn open(driver: &Driver, app: &TestApp, (width, height): (u32, u32)) -> Page {
+pub async fn open(driver: &Driver, app: &TestApp, (width, height): (u32, u32)) -> Page {
     let page = driver.browser(width, height).await;
     page.open(&app.url("/")).await;
     page
@@ -387,7 +389,7 @@ async fn the_page_shows_when_delivery_is_interrupted_by_the_broker_and_when_it_i
 
 /// Waits until the app's history (`GET /messages`) ends with `newest`: on RabbitMQ the window
 /// is filled from the history stream, a few milliseconds behind the publish.
-async fn wait_for_history(app: &TestApp, newest: &str) {
+pub async fn wait_for_history(app: &TestApp, newest: &str) {
     let deadline = std::time::Instant::now() + crate::helpers::WAIT;
     loop {
         let page: serde_json::Value =
@@ -519,7 +521,7 @@ async fn older_messages_load_above_without_moving_what_the_reader_sees() {
 
 /// The page's traffic goes through a proxy of the test's own, so its network can drop while
 /// the app goes on serving everyone else.
-async fn open_through(driver: &Driver, proxy: &ChaosProxy, size: (u32, u32), flags: &[&str]) -> Page {
+pub async fn open_through(driver: &Driver, proxy: &ChaosProxy, size: (u32, u32), flags: &[&str]) -> Page {
     let page = driver.browser_with(size, flags).await;
     page.open(&format!("http://127.0.0.1:{}/", proxy.port())).await;
     page
