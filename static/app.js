@@ -24,10 +24,14 @@
   const NEAR_BOTTOM_PX = 40;
   const NEAR_LIMIT_RATIO = 0.9;
   const BACKOFF_MIN_MS = 500;
-  const BACKOFF_MAX_MS = 15000;
+  // A person looking at the page waits at most this long between attempts; a
+  // hidden tab backs off further (it reconnects at once when shown again).
+  const BACKOFF_VISIBLE_MAX_MS = 5000;
+  const BACKOFF_HIDDEN_MAX_MS = 30000;
   const STABLE_CONNECTION_MS = 10000;
   const POST_TIMEOUT_MS = 15000;
   const MAX_COOLDOWN_S = 120;
+  const OUTBOX_RETRY_MS = 3000; // a queued message the server could not take yet
   const GROUP_WINDOW_MS = 5 * 60 * 1000; // one header for a sender's messages this close
   const USER_COLOURS = 8; // --user-0 … --user-7 in style.css
   const CLAMP_CHECK_CHARS = 300; // shorter texts cannot reach the clamp; not measured
@@ -39,14 +43,22 @@
   const $ = (id) => document.getElementById(id);
   const body = document.body;
   const maxBytes = Number.parseInt(body.dataset.maxBytes ?? "", 10) || 4096;
+  const singleProcess = body.dataset.mode === "memory";
 
   const ui = {
     status: $("status"),
+    statusDot: document.querySelector("#status .status-dot"),
     statusLabel: document.querySelector("#status .status-label"),
     statusSuffix: document.querySelector("#status .status-suffix"),
+    outage: $("outage"),
+    outageTitle: $("outage-title"),
+    outageDetail: $("outage-detail"),
+    outageHold: $("outage-hold"),
+    retry: $("retry"),
     list: $("messages"),
     loadOlder: $("load-older"),
     empty: $("empty"),
+    outbox: $("outbox"),
     curl: $("curl-example"),
     jump: $("jump"),
     announcer: $("announcer"),
@@ -162,13 +174,33 @@
 
   // ---------------------------------------------------------------- status
 
-  // Only the label is announced: the countdown suffix is aria-hidden so a
-  // screen reader hears "Reconnecting" once instead of every second.
+  // Only the label is announced (role="status"), and it changes once per
+  // change of state: "Reconnecting" stays put across the attempts of one
+  // outage, while the countdown goes in the aria-hidden suffix. The session
+  // details are a tooltip on the dot, out of the status's accessible name.
   function setStatus(state, label, suffix = "", detail = "") {
     ui.status.dataset.state = state;
     if (ui.statusLabel.textContent !== label) ui.statusLabel.textContent = label;
     ui.statusSuffix.textContent = suffix;
-    ui.status.title = detail;
+    ui.statusDot.title = detail;
+  }
+
+  // The bar over the log while messages cannot flow, with "Retry now" while
+  // the connection is being retried.
+  function showOutage({ title, detail, retry }) {
+    ui.outageTitle.textContent = title;
+    ui.outageDetail.textContent = detail;
+    ui.retry.hidden = !retry;
+    ui.outage.hidden = false;
+  }
+
+  function hideOutage() {
+    if (ui.outage.hidden) return;
+    // The button goes with the bar: hand focus to the message box, not <body>.
+    const hadFocus = ui.outage.contains(document.activeElement);
+    ui.outage.hidden = true;
+    delete ui.outage.dataset.retryAt;
+    if (hadFocus) ui.text.focus({ preventScroll: true });
   }
 
   // ------------------------------------------------------------ announcer
@@ -375,23 +407,23 @@
   // notice ends a group).
   function lastMessage() {
     let broken = false;
-    for (let el = ui.list.lastElementChild; el; el = el.previousElementSibling) {
+    for (let el = ui.outbox.previousElementSibling; el; el = el.previousElementSibling) {
       if (el.classList.contains("msg")) return { prev: el, broken };
       if (el.classList.contains("notice")) broken = true;
     }
     return { prev: null, broken };
   }
 
-  // Puts an item at the end of the log, with a day divider when a message
-  // starts a new day.
+  // Puts an item at the end of the log (above what waits to be sent), with a
+  // day divider when a message starts a new day.
   function placeAtEnd(node) {
     if (node.classList.contains("msg")) {
       const { prev, broken } = lastMessage();
       const day = node.dataset.day;
-      if (day && prev?.dataset.day !== day) ui.list.append(dayDivider(day));
+      if (day && prev?.dataset.day !== day) ui.outbox.before(dayDivider(day));
       node.classList.toggle("msg-cont", !broken && continues(prev, node));
     }
-    ui.list.append(node);
+    ui.outbox.before(node);
   }
 
   // Day dividers and groups over the whole log, after a page was added above
@@ -705,6 +737,10 @@
   let countdownTimer = 0;
   let starting = false; // the history fetch that precedes a socket is under way
   let suspended = false; // page is in the back/forward cache
+  let everConnected = false;
+  // Messages can flow: the socket is welcomed and the server has its broker.
+  // Until then what the user sends waits in the outbox.
+  let deliveryUp = false;
   // The id of the newest message the socket delivered (or the history page
   // ended with): every socket resumes after it. Ids rendered from a POST
   // answer do not move it, as the socket may still owe us messages published
@@ -751,10 +787,20 @@
     countdownTimer = 0;
   }
 
+  // The connection is down and being retried: said once in the status, shown
+  // in the bar with the countdown and a way to retry at once.
+  const outageTitle = () => (everConnected ? "Connection lost." : "Cannot reach the server.");
+
   async function connect() {
     cancelRetry();
     if (socket || suspended || starting) return;
-    setStatus("connecting", "Connecting…");
+    if (ui.outage.hidden) {
+      setStatus("connecting", "Connecting…");
+    } else {
+      setStatus("connecting", "Reconnecting", "…");
+      showOutage({ title: outageTitle(), detail: "Reconnecting now…", retry: true });
+      delete ui.outage.dataset.retryAt;
+    }
 
     // Nothing to resume after yet: what the socket would not replay comes
     // from history instead. Once anything was shown, ?since= covers the rest.
@@ -787,6 +833,7 @@
     ws.addEventListener("close", (event) => {
       if (ws !== socket) return; // a socket we already gave up on
       socket = null;
+      deliveryUp = false;
       // Only a connection that proved healthy resets the backoff; otherwise a
       // server that accepts then immediately drops us would be hammered.
       if (openedAt && Date.now() - openedAt >= STABLE_CONNECTION_MS) attempt = 0;
@@ -799,26 +846,49 @@
 
   function scheduleReconnect(detail) {
     cancelRetry();
-    const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt);
+    const cap = document.visibilityState === "visible" ? BACKOFF_VISIBLE_MAX_MS : BACKOFF_HIDDEN_MAX_MS;
+    const ceiling = Math.min(cap, BACKOFF_MIN_MS * 2 ** attempt);
     attempt = Math.min(attempt + 1, 16);
     // "Equal jitter": at least half the ceiling, so a restarted server is not
     // hit by every tab in the same instant, yet no retry comes absurdly early.
     const delay = ceiling / 2 + Math.random() * (ceiling / 2);
     const due = Date.now() + delay;
+    ui.outage.dataset.retryAt = String(Math.round(due));
 
     const tick = () => {
       const seconds = Math.max(1, Math.ceil((due - Date.now()) / 1000));
       setStatus("reconnecting", "Reconnecting", ` in ${seconds} s`, detail);
+      showOutage({ title: outageTitle(), detail: `Reconnecting in ${seconds} s.`, retry: true });
     };
     tick();
     countdownTimer = setInterval(tick, 250);
     retryTimer = setTimeout(connect, delay);
   }
 
+  // "Retry now", the network coming back, the tab shown again: try at once,
+  // giving up on an attempt that is still hanging.
   function reconnectNow() {
-    if (socket || suspended) return;
+    if (suspended) return;
+    if (socket && socket.readyState === WebSocket.CONNECTING && !ui.outage.hidden) {
+      const stale = socket;
+      socket = null;
+      stale.close();
+    }
+    if (socket) return;
     attempt = 0;
     connect();
+  }
+
+  ui.retry.addEventListener("click", reconnectNow);
+
+  function deliveryRestored(detail = "") {
+    everConnected = true;
+    deliveryUp = true;
+    setStatus("connected", "Connected", "", detail);
+    hideOutage();
+    // An error about reaching the server is out of date now.
+    clearError("network");
+    flushOutbox();
   }
 
   function handleFrame(data) {
@@ -846,30 +916,38 @@
         ]
           .filter(Boolean)
           .join(", ");
-        setStatus("connected", "Connected", "", detail);
+        deliveryRestored(detail);
         // What was missed while away follows as ordinary messages (or a
         // replay gap notice first when the server no longer has all of it).
         break;
       }
       case "interrupted":
+        deliveryUp = false;
         setStatus(
           "interrupted",
           "Delivery interrupted, waiting for the broker…",
           "",
           typeof frame.reason === "string" ? frame.reason : "",
         );
+        showOutage({
+          title: "Delivery interrupted.",
+          detail: "The server lost its link to the message broker and is waiting for it to come back.",
+          retry: false,
+        });
         break;
       case "restored":
-        setStatus("connected", "Connected");
+        deliveryRestored();
         break;
       case "gap": {
         // `replay_from` (even null) marks the answer to ?since=; a gap without
         // it is this session falling behind, or one oversized message.
         if ("replay_from" in frame) {
-          addNotice(replayGapSentence(frame.replay_from), {
+          const notice = addNotice(replayGapSentence(frame.replay_from), {
             detail: typeof frame.reason === "string" ? frame.reason : "",
             warn: true,
+            announce: !singleProcess,
           });
+          if (singleProcess) explainRestart(notice);
           break;
         }
         const missed = Number(frame.missed);
@@ -904,6 +982,20 @@
     return "Messages sent while this page was disconnected are no longer available.";
   }
 
+  // A single process keeps its history in memory: when it restarted, the
+  // history began again rather than losing what this page missed to age. It
+  // did when its history holds every message it ever took (nothing was
+  // dropped for room: `resume` counts them) and not the last one shown here.
+  async function explainRestart(notice) {
+    const page = await fetchPage({ limit: "500" });
+    const taken = page?.resume?.startsWith("@") ? Number(page.resume.slice(1)) : NaN;
+    if (page !== null && !page.hasMore && Number.isInteger(taken) && page.messages.length >= taken) {
+      notice.textContent =
+        "The server restarted, so its history began again: messages from before the restart are not kept.";
+    }
+    say(notice.textContent);
+  }
+
   window.addEventListener("online", reconnectNow);
 
   document.addEventListener("visibilitychange", () => {
@@ -922,6 +1014,7 @@
     if (socket) {
       const ws = socket;
       socket = null;
+      deliveryUp = false;
       ws.close(1000, "page hidden");
     }
   });
@@ -934,7 +1027,7 @@
 
   // ------------------------------------------------------------ composer
 
-  let errorKind = ""; // "", "limit" or "server": which message owns the region
+  let errorKind = ""; // "", "limit", "server" or "network": which message owns the region
   let inFlight = false;
   let cooldownUntil = 0;
   let cooldownTimer = 0;
@@ -1037,6 +1130,101 @@
       ? data.error
       : `The server refused the message (HTTP ${res.status}).`;
 
+  // ------------------------------------------------------------ outbox
+
+  // What the user sends while messages cannot flow waits here, in order, shown
+  // under the log as "waiting", and goes out once the connection is back.
+  const outbox = [];
+  let flushing = false;
+  let flushTimer = 0;
+
+  function pendingButton(label, onClick) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.addEventListener("click", onClick);
+    return button;
+  }
+
+  function setPendingState(entry, state, reason = "") {
+    entry.state = state;
+    entry.el.dataset.state = state;
+    const line = entry.el.querySelector(".pending-state");
+    if (state === "waiting") line.replaceChildren("Waiting for the connection: sent once it is back.");
+    else if (state === "sending") line.replaceChildren("Sending…");
+    else {
+      line.replaceChildren(
+        `Not sent: ${reason}`,
+        pendingButton("Send again", () => {
+          outbox.splice(outbox.indexOf(entry), 1);
+          outbox.push(entry);
+          ui.outbox.append(entry.el);
+          setPendingState(entry, "waiting");
+          flushOutbox();
+        }),
+        pendingButton("Remove", () => {
+          outbox.splice(outbox.indexOf(entry), 1);
+          entry.el.remove();
+          ui.text.focus();
+        }),
+      );
+    }
+  }
+
+  function enqueue(payload) {
+    const el = document.createElement("div");
+    el.className = "pending";
+    const text = document.createElement("div");
+    text.className = "pending-text";
+    text.textContent = payload.text;
+    const state = document.createElement("p");
+    state.className = "pending-state";
+    el.append(text, state);
+    const entry = { payload, el, state: "" };
+    setPendingState(entry, "waiting");
+    outbox.push(entry);
+    ui.outbox.append(el);
+    ui.empty.hidden = true;
+    scrollToBottom();
+    say("Not connected: your message will be sent once the connection is back.");
+  }
+
+  function retryFlushIn(ms) {
+    clearTimeout(flushTimer);
+    flushTimer = setTimeout(flushOutbox, ms);
+  }
+
+  async function flushOutbox() {
+    if (flushing) return;
+    flushing = true;
+    clearTimeout(flushTimer);
+    try {
+      for (;;) {
+        const entry = outbox.find((e) => e.state === "waiting");
+        if (!entry || !deliveryUp) return;
+        setPendingState(entry, "sending");
+        const { res, data, failure } = await postMessage(entry.payload);
+        if (res?.ok) {
+          outbox.splice(outbox.indexOf(entry), 1);
+          entry.el.remove();
+          accepted(data);
+        } else if (failure === "network" || (res && (res.status === 429 || res.status >= 500))) {
+          // Not taken; nothing was published. Wait, then try again in order.
+          setPendingState(entry, "waiting");
+          const wait = res?.status === 429 ? parseRetryAfter(res.headers.get("Retry-After")) : 0;
+          retryFlushIn(Math.max(wait * 1000, OUTBOX_RETRY_MS));
+          return;
+        } else if (failure === "timeout") {
+          setPendingState(entry, "failed", "the server did not answer, so it may or may not have arrived.");
+        } else {
+          setPendingState(entry, "failed", refusal(res, data));
+        }
+      }
+    } finally {
+      flushing = false;
+    }
+  }
+
   // ------------------------------------------------------------ sending
 
   async function send() {
@@ -1055,8 +1243,19 @@
     const user = ui.name.value.trim();
     const payload = user ? { text, user } : { text };
 
+    // Down, or earlier messages still waiting: this one waits too, after them.
+    if (!deliveryUp || outbox.some((e) => e.state !== "failed")) {
+      enqueue(payload);
+      ui.text.value = "";
+      autosize();
+      updateByteCount();
+      flushOutbox();
+      return;
+    }
+
     inFlight = true;
     clearError("server");
+    clearError("network");
     updateSendButton();
     try {
       const { res, data, failure } = await postMessage(payload);
@@ -1065,7 +1264,7 @@
           failure === "timeout"
             ? "The server did not answer in time. Your message is still in the box; try again."
             : "Could not reach the server. Your message is still in the box; try again.",
-          "server",
+          "network",
         );
         return;
       }

@@ -15,5 +15,6 @@ mod chaos;
 
 mod accessibility;
 mod driver;
+mod outage;
 mod reading;
 mod scenarios;
