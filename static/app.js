@@ -16,6 +16,7 @@
   const NAME_KEY = "fanout-chat.name";
   const LAST_ID_KEY = "fanout-chat.last-id"; // sessionStorage: per tab, survives a reload
   const OWN_IDS_KEY = "fanout-chat.own-ids"; // sessionStorage: this tab's own messages
+  const BANNER_KEY = "fanout-chat.mode-banner-dismissed"; // localStorage
   const MAX_STORED_OWN_IDS = 200;
   const PAGE_SIZE = 50; // messages per GET /messages page
   const HISTORY_TIMEOUT_MS = 10000;
@@ -39,6 +40,7 @@
   const ANNOUNCE_DELAY_MS = 400; // batches a burst (a replay) into one sentence
   const MAX_ANNOUNCED_ONE_BY_ONE = 3;
   const ANNOUNCED_EXCERPT_CHARS = 200;
+  const MAX_NAME_BYTES = 64; // the server's rule (MAX_USER_BYTES in src/chat.rs)
 
   const $ = (id) => document.getElementById(id);
   const body = document.body;
@@ -50,6 +52,8 @@
     statusDot: document.querySelector("#status .status-dot"),
     statusLabel: document.querySelector("#status .status-label"),
     statusSuffix: document.querySelector("#status .status-suffix"),
+    banner: $("mode-banner"),
+    bannerDismiss: $("mode-banner-dismiss"),
     outage: $("outage"),
     outageTitle: $("outage-title"),
     outageDetail: $("outage-detail"),
@@ -64,6 +68,8 @@
     announcer: $("announcer"),
     form: $("composer"),
     name: $("name"),
+    nameError: $("name-error"),
+    hint: $("composer-hint"),
     text: $("text"),
     send: $("send"),
     error: $("composer-error"),
@@ -75,7 +81,11 @@
   const fullFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "full", timeStyle: "medium" });
   const dayFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "medium", timeStyle: "short" });
   const dateFormat = new Intl.DateTimeFormat(undefined, { dateStyle: "full" });
+  const graphemeSegmenter =
+    typeof Intl.Segmenter === "function" ? new Intl.Segmenter(undefined, { granularity: "grapheme" }) : null;
   const reducedMotion = window.matchMedia("(prefers-reduced-motion: reduce)");
+  // A touch keyboard: Enter makes a new line there, and the button sends.
+  const touchKeyboard = window.matchMedia("(hover: none) and (pointer: coarse)");
   const baseTitle = document.title;
 
   // ---------------------------------------------------------------- helpers
@@ -101,6 +111,13 @@
 
   const byteLength = (text) => encoder.encode(text).length;
   const plural = (n, one, many) => (n === 1 ? one : many);
+
+  // What people call characters: an emoji with its modifiers, a letter with its
+  // accents, each counts once.
+  function graphemes(text) {
+    if (graphemeSegmenter === null) return [...text];
+    return [...graphemeSegmenter.segment(text)].map((s) => s.segment);
+  }
 
   function readStorage(storage, key) {
     try {
@@ -1032,6 +1049,7 @@
   let cooldownUntil = 0;
   let cooldownTimer = 0;
   let overLimit = false;
+  let nameProblem = "";
 
   function showError(text, kind) {
     ui.error.textContent = text;
@@ -1044,7 +1062,7 @@
 
   function updateSendButton() {
     const coolingDown = Date.now() < cooldownUntil;
-    ui.send.disabled = inFlight || overLimit || coolingDown;
+    ui.send.disabled = inFlight || overLimit || coolingDown || nameProblem !== "";
     ui.form.setAttribute("aria-busy", String(inFlight));
   }
 
@@ -1059,6 +1077,47 @@
     } else {
       clearError("limit");
     }
+    updateSendButton();
+  }
+
+  // The server's rules for a name (src/chat.rs), checked as it is typed. The
+  // rule counts bytes; people count characters, so that is what is said.
+  function nameProblemOf(name) {
+    if (name === "") return "";
+    if (byteLength(name) > MAX_NAME_BYTES) {
+      const chars = graphemes(name);
+      let fit = 0;
+      let used = 0;
+      for (const c of chars) {
+        used += byteLength(c);
+        if (used > MAX_NAME_BYTES) break;
+        fit += 1;
+      }
+      return `This name is too long: ${chars.length} characters, and ${fit} fit. Shorten it to send.`;
+    }
+    for (const c of name) {
+      const code = c.codePointAt(0);
+      if (code < 0x20 || (code >= 0x7f && code <= 0x9f)) {
+        return "A name is one line of text: remove the control character.";
+      }
+      if (
+        (code >= 0x202a && code <= 0x202e) ||
+        (code >= 0x2066 && code <= 0x2069) ||
+        code === 0x200e ||
+        code === 0x200f ||
+        code === 0x061c
+      ) {
+        return "Remove the text-direction character from the name: it can disguise a name.";
+      }
+    }
+    return "";
+  }
+
+  function checkName() {
+    nameProblem = nameProblemOf(ui.name.value.trim());
+    if (nameProblem) ui.name.setAttribute("aria-invalid", "true");
+    else ui.name.removeAttribute("aria-invalid");
+    if (ui.nameError.textContent !== nameProblem) ui.nameError.textContent = nameProblem;
     updateSendButton();
   }
 
@@ -1234,6 +1293,10 @@
       ui.text.focus();
       return;
     }
+    if (nameProblem) {
+      ui.name.focus();
+      return;
+    }
     const used = byteLength(text);
     if (used > maxBytes) {
       updateByteCount(); // shows the limit sentence; nothing is sent
@@ -1294,13 +1357,16 @@
   ui.form.addEventListener("submit", (event) => {
     event.preventDefault();
     send();
-    ui.text.focus();
+    if (!nameProblem) ui.text.focus();
   });
 
   ui.text.addEventListener("keydown", (event) => {
     // isComposing: Enter confirms an IME candidate (Japanese, Chinese, …)
-    // and must not send half-typed text.
+    // and must not send half-typed text. On a touch keyboard Enter is a new
+    // line: the Send button is right there, and a half-written message is not
+    // sent by a slip.
     if (event.key !== "Enter" || event.shiftKey || event.altKey || event.isComposing) return;
+    if (touchKeyboard.matches) return;
     event.preventDefault();
     send();
   });
@@ -1312,14 +1378,49 @@
     updateByteCount();
   });
 
-  ui.name.addEventListener("input", () => storeName(ui.name.value.trim()));
+  ui.name.addEventListener("input", () => {
+    checkName();
+    storeName(ui.name.value.trim());
+  });
+
+  function followKeyboard() {
+    if (touchKeyboard.matches) {
+      ui.text.enterKeyHint = "enter";
+      ui.hint.textContent = "Enter adds a new line; the Send button sends.";
+    } else {
+      ui.text.enterKeyHint = "send";
+    }
+  }
+
+  touchKeyboard.addEventListener("change", followKeyboard);
+
+  // ------------------------------------------------------------ banner
+
+  // The single-process notice can be dismissed, for good in this browser.
+  if (ui.banner) {
+    if (readStorage(localStorage, BANNER_KEY) === "1") {
+      ui.banner.hidden = true;
+    } else {
+      ui.bannerDismiss.hidden = false;
+      ui.bannerDismiss.addEventListener("click", () => {
+        ui.banner.hidden = true;
+        writeStorage(localStorage, BANNER_KEY, "1");
+        ui.text.focus();
+      });
+    }
+  }
 
   // ------------------------------------------------------------ start
 
   ui.name.value = readStoredName();
   ui.curl.textContent = `curl -d text=hello ${location.origin}/messages`;
+  followKeyboard();
   autosize();
   updateByteCount();
+  checkName();
   relabelAtMidnight();
+  // Ready to type; not on a touch screen, where focus would open the keyboard
+  // over the log.
+  if (!touchKeyboard.matches) ui.text.focus();
   connect();
 })();

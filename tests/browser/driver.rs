@@ -288,6 +288,18 @@ impl Page {
         ratio.as_f64().unwrap()
     }
 
+    /// Whether the element matching `selector` is entirely inside the viewport.
+    pub async fn in_view(&self, selector: &str) -> bool {
+        self.eval(&format!(
+            "(() => {{ const r = document.querySelector({}).getBoundingClientRect();
+                return r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0
+                    && r.right <= window.innerWidth && r.bottom <= window.innerHeight; }})()",
+            json!(selector)
+        ))
+        .await
+            == true
+    }
+
     /// Clicks the element matching `selector`, as a person does.
     pub async fn click(&self, selector: &str) {
         let element = within("an element to click", self.client.find(Locator::Css(selector)))

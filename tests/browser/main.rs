@@ -14,7 +14,9 @@ mod helpers;
 mod chaos;
 
 mod accessibility;
+mod composing;
 mod driver;
 mod outage;
 mod reading;
 mod scenarios;
+mod screens;

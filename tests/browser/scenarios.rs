@@ -273,9 +273,11 @@ async fn the_keyboard_alone_reaches_every_control_in_order() {
     let app = spawn_app(BusKind::Memory).await;
     let driver = Driver::start().await;
     let page = open(&driver, &app, DESKTOP).await;
-    page.eval("document.activeElement.blur() || true").await;
+    assert_eq!(page.eval("document.activeElement.id").await, "text", "the message box has focus on load");
+    // Start from the top, as a click on the title does: Tab then goes through the page in order.
+    page.client.find(Locator::Css(".app-title")).await.unwrap().click().await.unwrap();
     let mut order = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         page.client
             .active_element()
             .await
@@ -287,8 +289,8 @@ async fn the_keyboard_alone_reaches_every_control_in_order() {
     }
     assert_eq!(
         order,
-        ["messages", "name", "text"],
-        "focus goes from the message list to the name, then the message"
+        ["mode-banner-dismiss", "messages", "name", "text"],
+        "focus goes from the single-process notice's button to the message list, the name, then the message"
     );
     page.client.active_element().await.unwrap().send_keys("typed without a mouse").await.unwrap();
     page.press_enter_in_message_box().await;
