@@ -260,6 +260,38 @@ impl Page {
         self.type_into("text", &Key::Enter.to_string()).await;
     }
 
+    /// Runs axe-core (`tests/browser/axe`, installed by `npm ci` there) on the page as it is
+    /// now, and returns its violations, one line each: the rule, its impact, and where.
+    /// Injected over WebDriver, so the page's CSP (no inline or foreign script) stays as it is.
+    pub async fn axe_violations(&self) -> Vec<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/axe/node_modules/axe-core/axe.min.js");
+        let source = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("{path}: {e} (run `npm ci` in tests/browser/axe; scripts/test does)"));
+        // A message fading in would be measured half transparent: wait for the arrivals.
+        self.wait_until(
+            "arrival animations to end",
+            "document.getAnimations().every(a => a.effect.getTiming().iterations === Infinity)",
+        )
+        .await;
+        if self.eval("typeof window.axe === 'undefined'").await == true {
+            within("axe-core to load in the page", self.client.execute(&source, vec![])).await.unwrap();
+        }
+        let result = within(
+            "axe-core to check the page",
+            self.client.execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, { resultTypes: ['violations'] })
+                    .then(r => done(r.violations.map(v => `${v.id} (${v.impact}): ${v.help}: ` +
+                        v.nodes.map(n => `${n.target.join(' ')} [${n.failureSummary}]`).join('; '))))
+                    .catch(e => done([`axe failed: ${e}`]));",
+                vec![],
+            ),
+        )
+        .await
+        .unwrap();
+        serde_json::from_value(result).unwrap()
+    }
+
     /// The WCAG contrast ratio of two CSS colours (`var(--surface)` works) as the page
     /// resolves them in its colour scheme.
     pub async fn contrast(&self, a: &str, b: &str) -> f64 {

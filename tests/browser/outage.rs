@@ -80,6 +80,8 @@ async fn a_server_kill_shows_the_outage_bar_and_retry_now_reconnects_at_once() {
     );
     assert!(page.texts().await.is_empty(), "nothing is shown as sent");
     page.screenshot("27-5-outage-bar").await;
+    let violations = page.axe_violations().await;
+    assert!(violations.is_empty(), "axe, during an outage: {violations:#?}");
 
     // The server comes back, while the proxy still holds the page off.
     proxy.cut().await;
