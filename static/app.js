@@ -213,11 +213,12 @@
 
   function hideOutage() {
     if (ui.outage.hidden) return;
-    // The button goes with the bar: hand focus to the message box, not <body>.
+    // The button goes with the bar: hand focus to the message box, not <body>
+    // (to the log on a touch screen, where the box would open the keyboard).
     const hadFocus = ui.outage.contains(document.activeElement);
     ui.outage.hidden = true;
     delete ui.outage.dataset.retryAt;
-    if (hadFocus) ui.text.focus({ preventScroll: true });
+    if (hadFocus) (touchKeyboard.matches ? ui.list : ui.text).focus({ preventScroll: true });
   }
 
   // ------------------------------------------------------------ announcer
@@ -1309,6 +1310,7 @@
     // Down, or earlier messages still waiting: this one waits too, after them.
     if (!deliveryUp || outbox.some((e) => e.state !== "failed")) {
       enqueue(payload);
+      clearError("network"); // about the box's text, which now waits in the outbox
       ui.text.value = "";
       autosize();
       updateByteCount();
@@ -1372,8 +1374,9 @@
   });
 
   ui.text.addEventListener("input", () => {
-    // A server complaint is about the text as it was; editing answers it.
+    // A complaint about the text as it was, or about sending it: editing answers it.
     clearError("server");
+    clearError("network");
     autosize();
     updateByteCount();
   });
