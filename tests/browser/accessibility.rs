@@ -73,7 +73,7 @@ async fn screen_readers_hear_what_others_write_not_their_own_nor_pages_of_histor
     // Loading older messages: the log is busy until the page is in.
     bob.eval(
         "(() => { const real = window.fetch;
-            window.fetch = (...a) => new Promise(r => setTimeout(() => r(real(...a)), 500)); return true; })()",
+            window.fetch = (...a) => new Promise(r => setTimeout(() => r(real(...a)), 2000)); return true; })()",
     )
     .await;
     bob.scroll_list_to(0).await;
