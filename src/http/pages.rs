@@ -23,7 +23,7 @@ pub async fn index(State(state): State<AppState>) -> Result<Html<String>, AppErr
         mode: config.mode(),
         exchange: config.rabbitmq.as_ref().map_or("", |r| r.exchange.as_str()),
         max_message_bytes: config.messages.max_bytes,
-        asset_version: &state.asset_version,
+        asset_version: super::asset_version(),
     };
     Ok(Html(page.render()?))
 }

@@ -207,11 +207,13 @@ impl Page {
             .unwrap();
     }
 
-    /// Where the message with exactly `text` is, in pixels from the top of the viewport.
+    /// Where the text of the message with exactly `text` is, in pixels from the top of the
+    /// viewport. The text, not the bubble: a message that joins the group of the one loaded
+    /// above it loses its header (name and time), and what the reader reads stays put.
     pub async fn top_of_message(&self, text: &str) -> f64 {
         self.eval(&format!(
-            "[...document.querySelectorAll('#messages .msg')]
-                .find(m => m.querySelector('.msg-text').textContent === {})
+            "[...document.querySelectorAll('#messages .msg-text')]
+                .find(t => t.textContent === {})
                 .getBoundingClientRect().top",
             json!(text)
         ))
@@ -256,6 +258,86 @@ impl Page {
 
     pub async fn press_enter_in_message_box(&self) {
         self.type_into("text", &Key::Enter.to_string()).await;
+    }
+
+    /// Runs axe-core (`tests/browser/axe`, installed by `npm ci` there) on the page as it is
+    /// now, and returns its violations, one line each: the rule, its impact, and where.
+    /// Injected over WebDriver, so the page's CSP (no inline or foreign script) stays as it is.
+    pub async fn axe_violations(&self) -> Vec<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/browser/axe/node_modules/axe-core/axe.min.js");
+        let source = std::fs::read_to_string(path)
+            .unwrap_or_else(|e| panic!("{path}: {e} (run `npm ci` in tests/browser/axe; scripts/test does)"));
+        // A message fading in would be measured half transparent: wait for the arrivals.
+        self.wait_until(
+            "arrival animations to end",
+            "document.getAnimations().every(a => a.effect.getTiming().iterations === Infinity)",
+        )
+        .await;
+        if self.eval("typeof window.axe === 'undefined'").await == true {
+            within("axe-core to load in the page", self.client.execute(&source, vec![])).await.unwrap();
+        }
+        let result = within(
+            "axe-core to check the page",
+            self.client.execute_async(
+                "const done = arguments[arguments.length - 1];
+                 axe.run(document, { resultTypes: ['violations'] })
+                    .then(r => done(r.violations.map(v => `${v.id} (${v.impact}): ${v.help}: ` +
+                        v.nodes.map(n => `${n.target.join(' ')} [${n.failureSummary}]`).join('; '))))
+                    .catch(e => done([`axe failed: ${e}`]));",
+                vec![],
+            ),
+        )
+        .await
+        .unwrap();
+        serde_json::from_value(result).unwrap()
+    }
+
+    /// The WCAG contrast ratio of two CSS colours (`var(--surface)` works) as the page
+    /// resolves them in its colour scheme.
+    pub async fn contrast(&self, a: &str, b: &str) -> f64 {
+        let ratio = self
+            .client
+            .execute(
+                "const rgb = (colour) => {
+                     const probe = document.createElement('span');
+                     probe.style.color = colour;
+                     document.body.append(probe);
+                     const value = getComputedStyle(probe).color;
+                     probe.remove();
+                     return value.match(/[0-9.]+/g).slice(0, 3).map(Number);
+                 };
+                 const luminance = (colour) => {
+                     const [r, g, b] = rgb(colour).map(v => v / 255)
+                         .map(c => c <= 0.03928 ? c / 12.92 : ((c + 0.055) / 1.055) ** 2.4);
+                     return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+                 };
+                 const [x, y] = [luminance(arguments[0]), luminance(arguments[1])];
+                 return (Math.max(x, y) + 0.05) / (Math.min(x, y) + 0.05);",
+                vec![json!(a), json!(b)],
+            )
+            .await
+            .unwrap();
+        ratio.as_f64().unwrap()
+    }
+
+    /// Whether the element matching `selector` is entirely inside the viewport.
+    pub async fn in_view(&self, selector: &str) -> bool {
+        self.eval(&format!(
+            "(() => {{ const r = document.querySelector({}).getBoundingClientRect();
+                return r.width > 0 && r.height > 0 && r.left >= 0 && r.top >= 0
+                    && r.right <= window.innerWidth && r.bottom <= window.innerHeight; }})()",
+            json!(selector)
+        ))
+        .await
+            == true
+    }
+
+    /// Clicks the element matching `selector`, as a person does.
+    pub async fn click(&self, selector: &str) {
+        let element = within("an element to click", self.client.find(Locator::Css(selector)))
+            .await
+            .unwrap_or_else(|e| panic!("{selector}: {e}"));
+        within("a click", element.click()).await.unwrap_or_else(|e| panic!("clicking {selector}: {e}"));
     }
 
     /// Saves a screenshot as `target/browser-screenshots/<name>.png`.

@@ -13,5 +13,10 @@ mod helpers;
 #[allow(dead_code, reason = "the browser tests use only part of the proxy")]
 mod chaos;
 
+mod accessibility;
+mod composing;
 mod driver;
+mod outage;
+mod reading;
 mod scenarios;
+mod screens;

@@ -11,10 +11,12 @@ use crate::{
     helpers::{BusKind, TestApp, service, spawn_app, spawn_app_with, test_config},
 };
 
-const DESKTOP: (u32, u32) = (1280, 800);
-const PHONE: (u32, u32) = (390, 844);
+pub const DESKTOP: (u32, u32) = (1280, 800);
+pub const PHONE: (u32, u32) = (390, 844);
+/// Chromium's flags for the dark colour scheme.
+pub const DARK: [&str; 2] = ["--force-dark-mode", "--blink-settings=preferredColorScheme=0"];
 
-async fn open(driver: &Driver, app: &TestApp, (width, height): (u32, u32)) -> Page {
+pub async fn open(driver: &Driver, app: &TestApp, (width, height): (u32, u32)) -> Page {
     let page = driver.browser(width, height).await;
     page.open(&app.url("/")).await;
     page
@@ -271,9 +273,11 @@ async fn the_keyboard_alone_reaches_every_control_in_order() {
     let app = spawn_app(BusKind::Memory).await;
     let driver = Driver::start().await;
     let page = open(&driver, &app, DESKTOP).await;
-    page.eval("document.activeElement.blur() || true").await;
+    assert_eq!(page.eval("document.activeElement.id").await, "text", "the message box has focus on load");
+    // Start from the top, as a click on the title does: Tab then goes through the page in order.
+    page.client.find(Locator::Css(".app-title")).await.unwrap().click().await.unwrap();
     let mut order = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         page.client
             .active_element()
             .await
@@ -285,8 +289,8 @@ async fn the_keyboard_alone_reaches_every_control_in_order() {
     }
     assert_eq!(
         order,
-        ["messages", "name", "text"],
-        "focus goes from the message list to the name, then the message"
+        ["mode-banner-dismiss", "messages", "name", "text"],
+        "focus goes from the single-process notice's button to the message list, the name, then the message"
     );
     page.client.active_element().await.unwrap().send_keys("typed without a mouse").await.unwrap();
     page.press_enter_in_message_box().await;
@@ -387,7 +391,7 @@ async fn the_page_shows_when_delivery_is_interrupted_by_the_broker_and_when_it_i
 
 /// Waits until the app's history (`GET /messages`) ends with `newest`: on RabbitMQ the window
 /// is filled from the history stream, a few milliseconds behind the publish.
-async fn wait_for_history(app: &TestApp, newest: &str) {
+pub async fn wait_for_history(app: &TestApp, newest: &str) {
     let deadline = std::time::Instant::now() + crate::helpers::WAIT;
     loop {
         let page: serde_json::Value =
@@ -519,7 +523,7 @@ async fn older_messages_load_above_without_moving_what_the_reader_sees() {
 
 /// The page's traffic goes through a proxy of the test's own, so its network can drop while
 /// the app goes on serving everyone else.
-async fn open_through(driver: &Driver, proxy: &ChaosProxy, size: (u32, u32), flags: &[&str]) -> Page {
+pub async fn open_through(driver: &Driver, proxy: &ChaosProxy, size: (u32, u32), flags: &[&str]) -> Page {
     let page = driver.browser_with(size, flags).await;
     page.open(&format!("http://127.0.0.1:{}/", proxy.port())).await;
     page
