@@ -1,5 +1,6 @@
 //! Starting chromedriver and Chromium, and the page-level helpers the scenarios share.
 
+use std::os::unix::process::CommandExt;
 use std::{
     net::TcpListener,
     path::PathBuf,
@@ -26,6 +27,8 @@ impl Driver {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let child = Command::new(CHROMEDRIVER)
             .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+            // A group of its own, so that dropping the driver ends its browsers too.
+            .process_group(0)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -95,6 +98,11 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // The whole process group: chromedriver and the Chromiums it started. Killing
+        // chromedriver alone (a test that failed before closing its browsers) left each Chromium
+        // running, parented to init: 78 of them once, after a day of test runs.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).stderr(Stdio::null()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
