@@ -25,7 +25,7 @@ use crate::bus::{Ack, Event, Frame, Live};
 /// worst a message arrives twice.
 const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// How many of the last delivered messages a catch-up recognises as already sent.
-const RECENT_KEYS: usize = 16;
+const RECENT_KEYS: usize = 64;
 
 impl History {
     /// A subscription that delivers from `live` and, after a broker outage, replays from the
@@ -56,6 +56,7 @@ impl History {
             last_key: None,
             last_next: start.seq,
             recent: [0; RECENT_KEYS],
+            before_outage: None,
             recent_at: 0,
             catching_up: false,
             announced_hole: None,
@@ -87,6 +88,10 @@ pub struct Resume {
     /// Keys of the last messages delivered: a catch-up that starts a little early (see
     /// `catch_up`) skips these instead of sending them twice.
     recent: [u64; RECENT_KEYS],
+    /// `recent` as it was when the catch-up began: what the replay skips. (The replay's own
+    /// messages go into `recent` too, and would push out the ones to skip.) Held only while
+    /// catching up.
+    before_outage: Option<Box<[u64; RECENT_KEYS]>>,
     recent_at: usize,
     /// Replaying after an outage (not a `since` resume): only then are `recent` skipped, as
     /// identical notifications from another service may legitimately repeat.
@@ -157,6 +162,7 @@ impl Resume {
         tracing::debug!(cursor = self.cursor, "catching up from the history window after an outage");
         self.phase = Phase::Replay { pending: None };
         self.catching_up = true;
+        self.before_outage = Some(Box::new(self.recent));
     }
 
     async fn next_event(&mut self) -> Option<Event> {
@@ -196,6 +202,7 @@ impl Resume {
                                 let ack = pending.take().and_then(|p| p.ack);
                                 self.phase = Phase::Skip { until: self.cursor };
                                 self.catching_up = false;
+                                self.before_outage = None;
                                 return Some(Event::Duplicate(ack));
                             }
                             Some(_) => held.in_window = true,
@@ -220,6 +227,7 @@ impl Resume {
                                 // still skipped.
                                 self.phase = Phase::Skip { until: self.cursor };
                                 self.catching_up = false;
+                                self.before_outage = None;
                                 self.notice = Some(Event::Message(held.frame, held.ack));
                                 return Some(Event::ReplayGap {
                                     reason: "the history could not be replayed in time; messages sent just \
@@ -241,7 +249,12 @@ impl Resume {
                     match self.history.get(self.cursor) {
                         Ok(Some(entry)) => {
                             self.cursor += 1;
-                            if self.catching_up && self.recent.contains(&entry.frame.key()) {
+                            if self.catching_up
+                                && self
+                                    .before_outage
+                                    .as_ref()
+                                    .is_some_and(|keys| keys.contains(&entry.frame.key()))
+                            {
                                 continue; // Delivered by the queue just before an outage.
                             }
                             return Some(Event::Message(entry.frame, None));
