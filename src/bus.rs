@@ -35,10 +35,6 @@ pub fn parse_position(since: &str) -> Option<u64> {
     since.strip_prefix('@')?.parse().ok()
 }
 
-/// How [`Bus::readiness`] begins its reason while the broker blocks publishing (a resource
-/// alarm): a state the public may be told of, unlike the broker's address.
-pub const REFUSING_PUBLISHES: &str = "the message broker is refusing publishes (a memory or disk alarm)";
-
 /// Why the bus could not do what was asked. Each maps to `503`: the client may retry.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
@@ -51,8 +47,9 @@ pub enum BusError {
     #[error("the message broker failed: {0}")]
     Broker(String),
     /// The broker blocked the publishing connection (`connection.blocked`: a memory or disk
-    /// alarm); publishing resumes when it unblocks it.
-    #[error("the message broker is refusing publishes: {0}")]
+    /// alarm); publishing resumes when it unblocks it. A state the public may be told of, unlike
+    /// the broker's address; the broker's reason is the field.
+    #[error("the message broker is refusing publishes (a memory or disk alarm): {0}")]
     Blocked(String),
 }
 
@@ -147,7 +144,7 @@ impl Ack {
 }
 
 /// Whether the bus can take publishes now.
-pub type Readiness = Result<(), String>;
+pub type Readiness = Result<(), BusError>;
 
 impl Bus {
     /// Builds the bus the configuration selects. For RabbitMQ this returns at once and connects

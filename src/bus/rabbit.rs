@@ -160,15 +160,14 @@ impl RabbitBus {
     }
 
     pub fn readiness(&self) -> Readiness {
-        self.ready_link().map(drop).map_err(|e| match e {
-            BusError::Unavailable(reason) => reason,
-            other => other.to_string(),
-        })?;
+        self.ready_link()?;
         if let Some(reason) = self.blocked() {
-            return Err(format!("{} (connection.blocked: {reason})", super::REFUSING_PUBLISHES));
+            return Err(BusError::Blocked(reason));
         }
         if self.0.local.is_none() && self.0.lanes.up() == 0 {
-            return Err("no consumer connection to the broker is up: sessions cannot be served".into());
+            return Err(BusError::Unavailable(
+                "no consumer connection to the broker is up: sessions cannot be served".into(),
+            ));
         }
         Ok(())
     }

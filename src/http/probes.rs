@@ -9,7 +9,10 @@ use axum::{
 use prometheus_client::{encoding::prometheus_text, metrics::gauge::ConstGauge, registry::Registry};
 use serde_json::json;
 
-use crate::state::{AppState, PAGE_BUDGET_KIB};
+use crate::{
+    bus::BusError,
+    state::{AppState, PAGE_BUDGET_KIB},
+};
 
 /// `GET /healthz`: the process runs. Never tied to the broker, so a broker outage does not
 /// make Kubernetes restart healthy pods.
@@ -25,21 +28,20 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if state.is_draining() {
         return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": "not ready: shutting down" })));
     }
+    let not_ready = |error: String| (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": error })));
     match state.bus.readiness() {
         Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready", "mode": state.config.mode() }))),
-        Err(reason) if state.config.readyz_detail => {
-            (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "error": format!("not ready: {reason}") })))
+        Err(BusError::Unavailable(reason)) if state.config.readyz_detail => {
+            not_ready(format!("not ready: {reason}"))
         }
-        Err(reason) if reason.starts_with(crate::bus::REFUSING_PUBLISHES) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "error": format!("not ready: {}", crate::bus::REFUSING_PUBLISHES) })),
-        ),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(
-                json!({ "error": "not ready: the message broker is not available; the server's log says why" }),
-            ),
-        ),
+        Err(other) if state.config.readyz_detail => not_ready(format!("not ready: {other}")),
+        // An alarm is no secret, and tells the public why publishing waits.
+        Err(BusError::Blocked(_)) => {
+            not_ready("not ready: the message broker is refusing publishes (a memory or disk alarm)".into())
+        }
+        Err(_) => {
+            not_ready("not ready: the message broker is not available; the server's log says why".into())
+        }
     }
 }
 
