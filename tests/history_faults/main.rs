@@ -31,6 +31,17 @@ use lapin::{
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
+/// A RabbitMQ test config whose broker link goes through a new chaos proxy, reconnecting
+/// within half a second.
+async fn proxied() -> (ChaosProxy, fanout_chat::Config) {
+    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
+    let mut config = test_config(BusKind::Rabbit);
+    let rabbit = config.rabbitmq.as_mut().unwrap();
+    rabbit.port = proxy.port();
+    rabbit.reconnect_max = Duration::from_millis(500);
+    (proxy, config)
+}
+
 fn ids(messages: &[Value]) -> Vec<String> {
     messages.iter().map(|m| m["id"].as_str().unwrap_or("<notice>").to_owned()).collect()
 }
@@ -254,20 +265,13 @@ async fn the_window_keeps_filling_after_the_stream_is_deleted_and_declared_again
 // told first (a gap frame) that messages before this point may be missing: never silently.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_history_reader_makes_a_resuming_session_say_what_it_may_have_missed() {
-    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
-    let mut config = test_config(BusKind::Rabbit);
-    let rabbit = config.rabbitmq.as_mut().unwrap();
-    rabbit.port = proxy.port();
-    // Connection 1 carries the stream follower (and the first session's channel); sessions
-    // after the first get channels on connection 2.
-    rabbit.consumer_connections = 2;
-    rabbit.sessions_per_channel = 1;
+    let (proxy, config) = proxied().await;
     let app = spawn_app_with(config).await;
-    let _first = app.connect().await; // takes the channel on connection 1
     let seen = app.post_text("seen before leaving").await;
     wait_for_history(&app, seen["id"].as_str().unwrap()).await;
 
-    // Accepted connections: 0 publish, 1 consume-1 (the follower), 2 consume-2.
+    // Accepted connections: 0 publish, 1 the replica's own (the stream follower), then the
+    // consumer connections that carry the sessions.
     proxy.stall_connection(1).await;
     let m1 = app.post_text("missed 1").await;
     let m2 = app.post_text("missed 2").await;
@@ -296,11 +300,8 @@ async fn a_stalled_history_reader_makes_a_resuming_session_say_what_it_may_have_
 // A steady stream of messages from another service across a cut; every message must reach
 // the session once, in order.
 async fn a_flood_across_a_cut(mode: FanoutMode) {
-    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
-    let mut config = test_config(BusKind::Rabbit);
+    let (proxy, mut config) = proxied().await;
     let rabbit = config.rabbitmq.as_mut().unwrap();
-    rabbit.port = proxy.port();
-    rabbit.reconnect_max = Duration::from_millis(500);
     rabbit.publish_timeout = Duration::from_secs(1);
     rabbit.fanout = mode;
     let app = spawn_app_with(config).await;
@@ -474,11 +475,8 @@ async fn pages_read_from_the_middle_of_multi_message_chunks_are_exact() {
 // in this replica's window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_reconnect_the_window_follows_a_re_declared_stream_from_its_start() {
-    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
-    let mut config = test_config(BusKind::Rabbit);
+    let (proxy, mut config) = proxied().await;
     let rabbit = config.rabbitmq.as_mut().unwrap();
-    rabbit.port = proxy.port();
-    rabbit.reconnect_max = Duration::from_millis(500);
     let stream = rabbit.history.name.clone();
     let app = spawn_app_with(config).await;
     let mut last = Value::Null;
@@ -633,11 +631,8 @@ async fn resuming_mid_flood_with_two_concurrent_publishers() {
 // before the cut got what was left without being told the rest was gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_past_a_reader_during_an_outage_is_told_to_a_session_that_resumes_across_it() {
-    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
-    let mut config = test_config(BusKind::Rabbit);
+    let (proxy, mut config) = proxied().await;
     let rabbit = config.rabbitmq.as_mut().unwrap();
-    rabbit.port = proxy.port();
-    rabbit.reconnect_max = Duration::from_millis(500);
     // The smallest history the app accepts (1 MB, in 250 KB segments), so a flood outgrows it.
     rabbit.history.max_bytes = 1_000_000;
     let exchange = rabbit.exchange.clone();
@@ -681,11 +676,8 @@ async fn retention_past_a_reader_during_an_outage_is_told_to_a_session_that_resu
 // old messages and the new ones looked like one history.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_deleted_during_an_outage_is_told_to_a_session_that_resumes_across_it() {
-    let proxy = ChaosProxy::start(([127, 0, 0, 1], AMQP_PORT).into()).await;
-    let mut config = test_config(BusKind::Rabbit);
+    let (proxy, mut config) = proxied().await;
     let rabbit = config.rabbitmq.as_mut().unwrap();
-    rabbit.port = proxy.port();
-    rabbit.reconnect_max = Duration::from_millis(500);
     let stream = rabbit.history.name.clone();
     let app = spawn_app_with(config).await;
     let mut before = Value::Null;
