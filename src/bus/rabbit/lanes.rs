@@ -46,6 +46,19 @@ pub(super) struct LaneLink {
     pub(super) pool: Mutex<Vec<Arc<Slot>>>,
     /// Sessions on this connection.
     pub(super) sessions: Arc<AtomicUsize>,
+    /// Sessions picked for this connection and not yet on it: counted too, so that sessions
+    /// opened at the same moment spread instead of all picking the same connection.
+    reserved: AtomicUsize,
+}
+
+/// A lane picked for one session, counted in its load until dropped (once the session is on
+/// it, or failed to get there).
+pub(super) struct Picked(pub(super) Arc<LaneLink>);
+
+impl Drop for Picked {
+    fn drop(&mut self) {
+        self.0.reserved.fetch_sub(1, Relaxed);
+    }
 }
 
 impl LaneLink {
@@ -76,14 +89,19 @@ impl Lanes {
 
     /// The usable lane with the fewest sessions, preferring any other over `avoid` (the lane a
     /// session just lost its consumer on).
-    pub(super) fn pick(&self, avoid: Option<usize>) -> Option<Arc<LaneLink>> {
-        self.states
+    pub(super) fn pick(&self, avoid: Option<usize>) -> Option<Picked> {
+        let link = self
+            .states
             .iter()
             .filter_map(|state| match &*state.borrow() {
                 LaneState::Up(link) if link.usable() => Some(link.clone()),
                 _ => None,
             })
-            .min_by_key(|link| (Some(link.lane) == avoid, link.sessions.load(Relaxed)))
+            .min_by_key(|link| {
+                (Some(link.lane) == avoid, link.sessions.load(Relaxed) + link.reserved.load(Relaxed))
+            })?;
+        link.reserved.fetch_add(1, Relaxed);
+        Some(Picked(link))
     }
 
     /// Where the lanes that are up are connected.
@@ -132,6 +150,7 @@ pub(super) async fn supervise_lane(shared: Arc<Shared>, lane: usize) {
                     connection,
                     pool: Mutex::new(Vec::new()),
                     sessions: Arc::new(AtomicUsize::new(0)),
+                    reserved: AtomicUsize::new(0),
                 });
                 shared.metrics.consumer_connections_up.fetch_add(1, Relaxed);
                 lanes.set(lane, LaneState::Up(link.clone()));

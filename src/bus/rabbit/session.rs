@@ -64,7 +64,7 @@ impl RabbitBus {
         let queue = format!("fanout-chat.{}.{}", self.0.replica, session);
         let bus = self.clone();
         let name = queue.clone();
-        let active = tokio::spawn(async move { bus.attach_while_up(&lane, &name, &name).await })
+        let active = tokio::spawn(async move { bus.attach_while_up(&lane.0, &name, &name).await })
             .await
             .map_err(|e| BusError::Broker(e.to_string()))?
             .map_err(BusError::Broker)?;
@@ -285,7 +285,7 @@ async fn restore(
             continue;
         };
         let attached = tokio::select! {
-            attached = bus.attach_while_up(&lane, &queue, &session) => attached,
+            attached = bus.attach_while_up(&lane.0, &queue, &session) => attached,
             () = cancel.cancelled() => return None,
         };
         match attached {
