@@ -85,6 +85,9 @@ struct Shared {
     link: watch::Receiver<LinkState>,
     /// Where new connections go.
     addresses: Addresses,
+    /// Told when a connection to the broker succeeds: the link and the lanes waiting out a
+    /// backoff try again at once, so that they come back together.
+    reachable: tokio::sync::Notify,
     /// Each message decoded once for all the sessions of the process.
     frames: codec::Frames,
     /// Why the broker blocked the publishing connection, while it does (`connection.blocked`).
@@ -133,6 +136,7 @@ impl RabbitBus {
         let lanes = if local.is_some() { 0 } else { config.consumer_connections };
         let shared = Arc::new(Shared {
             addresses: Addresses::new(&config),
+            reachable: tokio::sync::Notify::new(),
             frames: codec::Frames::new(),
             down_since: std::sync::Mutex::new(None),
             blocked: std::sync::Mutex::new(None),

@@ -183,6 +183,7 @@ pub(super) async fn supervise_lane(shared: Arc<Shared>, lane: usize) {
         }
         tokio::select! {
             () = tokio::time::sleep(backoff(failures, shared.config.reconnect_max)) => {}
+            () = shared.reachable.notified() => {}
             () = shared.shutdown.cancelled() => break,
         }
     }

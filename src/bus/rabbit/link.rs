@@ -141,6 +141,8 @@ pub(super) async fn supervise(shared: Arc<Shared>, state: watch::Sender<LinkStat
         let delay = backoff(failures, config.reconnect_max);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
+            // Another of the replica's connections just got through: the broker is back.
+            () = shared.reachable.notified() => {}
             () = shared.shutdown.cancelled() => break,
         }
     }
@@ -211,6 +213,9 @@ pub(super) async fn open_next(shared: &Shared, role: &str) -> Result<(Connection
     match opened {
         Ok(connection) => {
             shared.addresses.succeeded(&endpoint);
+            // The others waiting out their backoff try now: sessions restored on a consumer
+            // connection catch up from the history window, which the link's reader fills.
+            shared.reachable.notify_waiters();
             Ok((connection, endpoint))
         }
         Err(reason) => {
