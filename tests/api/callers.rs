@@ -110,6 +110,7 @@ async fn a_wrong_key_an_empty_bearer_and_another_scheme_get_401_and_publish_noth
     }
     let after = app.post_text("after the refused ones").await;
     assert_eq!(session.next_message().await, after, "nothing refused reached the session");
+    app.wait_for_history(after["id"].as_str().unwrap()).await;
     let history = app.history("").await;
     assert_eq!(history["messages"].as_array().unwrap(), &vec![after], "nor the history");
     assert_eq!(metric(&app, "fanout_chat_auth_failures_total").await, 4.0);

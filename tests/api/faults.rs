@@ -643,6 +643,7 @@ async fn restarting_the_broker_interrupts_and_restores_sessions_that_stay_connec
         eprintln!("round {round}: broker restarted and sessions restored in {:?}", stopped.elapsed());
     }
     // The history stream is on disk: it outlived both restarts, and resuming reads from it.
+    app.wait_for_history(posted.last().unwrap()["id"].as_str().unwrap()).await;
     let history = app.history("").await;
     assert_eq!(history["messages"].as_array().unwrap(), &posted, "history kept across broker restarts");
     let mut resumed = app.connect_since(posted[0]["id"].as_str().unwrap()).await;
@@ -877,6 +878,7 @@ async fn a_publish_whose_confirm_is_lost_with_its_connection_is_sent_again_and_s
             "no second copy and no interruption (only the publishing connection was lost): {frames:?}"
         );
     }
+    app.wait_for_history(after_id).await;
     let history = app.history("?limit=50").await;
     let copies = history["messages"].as_array().unwrap().iter().filter(|m| m["text"] == TEXT).count();
     assert_eq!(copies, 1, "once in the history: {history}");

@@ -183,6 +183,22 @@ impl TestApp {
         response.json().await.expect("a page of history")
     }
 
+    /// Waits until the history shows the message `id`: the history is fed by the stream's
+    /// follower, so a message can reach a session before it is in a page.
+    pub async fn wait_for_history(&self, id: &str) {
+        within(&format!("message {id} to show in the history"), async {
+            loop {
+                let page = self.history("?limit=500").await;
+                let messages = page["messages"].as_array().expect("a messages array");
+                if messages.iter().any(|m| m["id"] == id) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
     /// Opens a session that resumes after the message `since`.
     pub async fn connect_since(&self, since: &str) -> WsClient {
         connect_path(self.addr, &format!("/ws?since={since}")).await

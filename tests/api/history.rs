@@ -38,20 +38,10 @@ async fn read_messages(session: &mut WsClient, count: usize) -> Vec<Value> {
     got
 }
 
-/// Waits until the app's history shows the message `id` (the stream is read asynchronously).
-async fn wait_for_history(app: &TestApp, id: &str) {
-    within(&format!("message {id} to show in the history"), async {
-        while !page_ids(&app.history("?limit=500").await).iter().any(|i| i == id) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-}
-
 async fn history_pages_back_from_the_newest_message(kind: BusKind) {
     let app = spawn_app(kind).await;
     let posted = ids(&post_many(&app, "page", 5).await);
-    wait_for_history(&app, &posted[4]).await;
+    app.wait_for_history(&posted[4]).await;
 
     let newest = app.history("?limit=3").await;
     assert_eq!(page_ids(&newest), posted[2..], "the newest three, oldest first");
@@ -144,7 +134,7 @@ async fn resuming_while_messages_flow_loses_and_repeats_nothing(kind: BusKind) {
 async fn an_unknown_or_too_old_id_is_reported_as_a_gap_before_the_replay(kind: BusKind) {
     let app = spawn_app(kind).await;
     let posted = ids(&post_many(&app, "kept", 2).await);
-    wait_for_history(&app, &posted[1]).await;
+    app.wait_for_history(&posted[1]).await;
     // A ULID from 2020: older than anything this history holds.
     let ancient = ulid::Ulid::from_parts(1_600_000_000_000, 42).to_string();
     for since in [ancient.as_str(), "no-such-message"] {
@@ -207,7 +197,7 @@ async fn history_written_through_one_replica_is_read_through_another() {
     session.close().await;
     let missed = ids(&post_many(&one, "posted to one", 3).await);
 
-    wait_for_history(&two, &missed[2]).await;
+    two.wait_for_history(&missed[2]).await;
     let page = two.history("?limit=4").await;
     assert_eq!(page_ids(&page)[1..], missed[..], "replica two pages what replica one took");
     let mut back = two.connect_since(seen["id"].as_str().unwrap()).await;
@@ -226,7 +216,7 @@ async fn older_history_than_the_window_comes_from_the_stream() {
     config.history.window = 5;
     let app = spawn_app_with(config).await;
     let posted = ids(&post_many(&app, "deep", 12).await);
-    wait_for_history(&app, &posted[11]).await;
+    app.wait_for_history(&posted[11]).await;
     assert_eq!(
         metric(&app, "fanout_chat_history_window_messages").await,
         5.0,
