@@ -128,14 +128,37 @@ pub enum Event {
 }
 
 /// The acknowledgement of one RabbitMQ delivery.
-pub struct Ack(lapin::Acker);
+pub struct Ack(AckBy);
+
+enum AckBy {
+    /// Through lapin's `Acker`: its internal task spawns a future per ack, which then writes
+    /// the frame on the channel.
+    Acker(lapin::Acker),
+    /// Straight on the channel that delivered it: the frame is queued at once, with no task
+    /// in between. The delivery's `Acker` must then never be used.
+    Channel(Arc<lapin::Channel>, u64),
+}
 
 impl Ack {
+    pub(crate) fn by_acker(acker: lapin::Acker) -> Self {
+        Self(AckBy::Acker(acker))
+    }
+
+    /// The ack of delivery `tag` of `channel`, sent on the channel itself (see [`AckBy`]).
+    pub(crate) fn on_channel(channel: Arc<lapin::Channel>, tag: u64) -> Self {
+        Self(AckBy::Channel(channel, tag))
+    }
+
     /// Tells the broker the message reached the browser's socket. It does not wait: lapin
     /// queues the ack on its first poll, and its IO loop writes it; waiting for that write per
     /// delivery held each session's loop up for a round trip through lapin's IO thread.
     pub fn send(self) {
-        if let Some(Err(e)) = self.0.ack(lapin::options::BasicAckOptions::default()).now_or_never() {
+        let options = lapin::options::BasicAckOptions::default();
+        let sent = match self.0 {
+            AckBy::Acker(acker) => acker.ack(options).now_or_never().map(|r| r.map(drop)),
+            AckBy::Channel(channel, tag) => channel.basic_ack(tag, options).now_or_never(),
+        };
+        if let Some(Err(e)) = sent {
             // The channel died under us: the delivery will not be redelivered to this session
             // (its queue goes with the channel), and the subscription recovers.
             tracing::debug!(error = %e, "ack failed");

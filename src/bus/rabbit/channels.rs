@@ -17,7 +17,8 @@ use crate::config::RabbitConfig;
 
 /// A consumer channel and its share of sessions.
 pub(super) struct Slot {
-    pub(super) channel: Channel,
+    /// Shared with the acks of its deliveries (see [`crate::bus::Ack`]).
+    pub(super) channel: Arc<Channel>,
     sessions: AtomicUsize,
     /// The sessions of the whole connection, which this slot's count is part of.
     lane_sessions: Arc<AtomicUsize>,
@@ -57,8 +58,11 @@ impl LaneLink {
         // Per consumer (global = false): each session may have `prefetch` unacknowledged
         // deliveries. RabbitMQ 4 refuses global QoS.
         channel.basic_qos(config.prefetch, BasicQosOptions { global: false }).await?;
-        let slot =
-            Arc::new(Slot { channel, sessions: AtomicUsize::new(0), lane_sessions: self.sessions.clone() });
+        let slot = Arc::new(Slot {
+            channel: Arc::new(channel),
+            sessions: AtomicUsize::new(0),
+            lane_sessions: self.sessions.clone(),
+        });
         pool.push(slot.clone());
         Ok(take(&slot))
     }

@@ -62,7 +62,7 @@ pub(super) async fn consume_for_process(
                 if properties.message_id().is_some() {
                     if recent.contains(&frame.key()) {
                         metrics.duplicates_dropped.fetch_add(1, Relaxed);
-                        Ack(acker).send();
+                        Ack::by_acker(acker).send();
                         continue;
                     }
                     recent[recent_at % recent.len()] = frame.key();
@@ -73,7 +73,7 @@ pub(super) async fn consume_for_process(
             } else {
                 metrics.skipped.fetch_add(1, Relaxed);
             }
-            Ack(acker).send();
+            Ack::by_acker(acker).send();
         }
         drop(channel);
     });

@@ -131,7 +131,7 @@ impl RabbitBus {
             generation: lane.generation,
             watch: self.0.lanes.states[lane.lane].subscribe(),
             consumer,
-            _lease: lease,
+            lease,
         })
     }
 }
@@ -145,7 +145,8 @@ struct Active {
     watch: watch::Receiver<LaneState>,
     consumer: Consumer,
     /// Declared after `consumer` so that the consumer is cancelled before the place is freed.
-    _lease: SlotLease,
+    /// Its channel also carries the acks.
+    lease: SlotLease,
 }
 
 enum State {
@@ -214,11 +215,14 @@ impl RabbitSubscription {
                     Err(reason) => reason,
                     Ok(delivered) => match delivered {
                         Some(Ok(delivery)) => {
-                            let lapin::message::Delivery { data, properties, acker, .. } = delivery;
+                            let lapin::message::Delivery { delivery_tag, data, properties, .. } = delivery;
+                            // Acked on the channel itself, which skips a task spawned per ack
+                            // in lapin (its `Acker`, dropped unused here).
+                            let ack = Ack::on_channel(active.lease.0.channel.clone(), delivery_tag);
                             // Another service may publish anything; a body far over what a browser
                             // may send is skipped rather than copied into thousands of sessions.
                             if data.len() > self.bus.0.max_frame_bytes {
-                                return Some(Event::Oversized { bytes: data.len(), ack: Ack(acker) });
+                                return Some(Event::Oversized { bytes: data.len(), ack });
                             }
                             let frame = self.bus.0.frames.frame(data, &properties);
                             if properties.message_id().is_some() {
@@ -226,12 +230,12 @@ impl RabbitSubscription {
                                 // was lost (same id, body and timestamp, so the same key).
                                 if self.recent.contains(&frame.key()) {
                                     self.bus.0.metrics.duplicates_dropped.fetch_add(1, Relaxed);
-                                    return Some(Event::Duplicate(Some(Ack(acker))));
+                                    return Some(Event::Duplicate(Some(ack)));
                                 }
                                 self.recent[self.recent_at % RECENT_KEYS] = frame.key();
                                 self.recent_at += 1;
                             }
-                            return Some(Event::Message(frame, Some(Ack(acker))));
+                            return Some(Event::Message(frame, Some(ack)));
                         }
                         Some(Err(e)) => e.to_string(),
                         None => "the broker cancelled the session's consumer".to_owned(),
