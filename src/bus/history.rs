@@ -73,7 +73,9 @@ struct Window {
     /// Sequence number of `entries[0]` (or of the next entry, when empty).
     first_seq: u64,
     by_id: HashMap<Arc<str>, u64>,
-    by_key: HashMap<u64, u64>,
+    /// Looked up for every message a session is sent: keys are hashes already, so they are
+    /// only mixed with a seed of this process (see [`KeyHasher`]), not hashed again.
+    by_key: HashMap<u64, u64, KeySeed>,
     /// By the random part of ids that are ULIDs. A foreign message with neither `message_id`
     /// nor `timestamp` gets an id whose time is when a reader read it, which differs between
     /// readers, but whose random part is derived from the message (see
@@ -83,6 +85,56 @@ struct Window {
     /// this replica was away from the broker, or the stream was deleted), by the sequence
     /// number of the first entry after them, with why: a replay that crosses one says so.
     holes: std::collections::BTreeMap<u64, &'static str>,
+}
+
+/// Builds [`KeyHasher`]s with a seed drawn once per window. Keys are SipHash outputs with a
+/// fixed key (every replica must derive the same key for a message), so anyone can compute
+/// them, and could pick messages whose keys share their low bits; the seed keeps where a key
+/// lands in the table unpredictable, so such messages cannot pile up in one place.
+#[derive(Clone)]
+struct KeySeed(u64);
+
+impl Default for KeySeed {
+    fn default() -> Self {
+        use std::hash::BuildHasher;
+        Self(std::collections::hash_map::RandomState::new().hash_one(0u64))
+    }
+}
+
+impl std::hash::BuildHasher for KeySeed {
+    type Hasher = KeyHasher;
+
+    fn build_hasher(&self) -> KeyHasher {
+        KeyHasher(self.0)
+    }
+}
+
+/// Mixes a `u64` key with the seed in a dozen instructions, where SipHash took over a hundred
+/// per lookup.
+struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // MurmurHash3's finalizer: every bit of the seeded key moves every bit of the result
+        // (the table indexes by the low bits and compares tags of the high ones).
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys use this hasher; anything else is still mixed in, byte by byte.
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01B3);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 ^= key;
+    }
 }
 
 fn random_part(id: &str) -> Option<u128> {
@@ -358,6 +410,20 @@ mod tests {
             offset: None,
             frame: Frame::from(format!("{{\"id\":\"{id}\"}}")),
         }
+    }
+
+    #[test]
+    fn keys_that_share_their_low_or_high_bits_land_apart() {
+        use std::{collections::HashSet, hash::BuildHasher};
+        let seed = KeySeed::default();
+        // Keys an attacker chose to differ only in their high bits, then only in their low ones:
+        // the table's low 10 bits (its index in a window of 1,000) must still spread them.
+        for keys in [(0..1000u64).map(|k| k << 40).collect::<Vec<_>>(), (0..1000u64).collect()] {
+            let buckets: HashSet<u64> = keys.iter().map(|&k| seed.hash_one(k) & 1023).collect();
+            assert!(buckets.len() > 550, "{} buckets of 1,024 for 1,000 keys", buckets.len());
+        }
+        // Another process's seed places them elsewhere.
+        assert_ne!(seed.hash_one(1u64), KeySeed::default().hash_one(1u64));
     }
 
     #[test]
