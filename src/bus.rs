@@ -63,11 +63,24 @@ pub struct Frame {
     /// What the message is, as a hash: equal for the copies of one message that reach a session
     /// by two paths (its queue and the history window), so a resuming session sends it once.
     key: u64,
+    /// The message carried an AMQP `message_id`: a second copy with the same key is the same
+    /// publish sent again (see `rabbit::publish`), never a new message, and is dropped.
+    /// (Without one, another service's identical notifications may legitimately repeat.)
+    identified: bool,
 }
 
 impl Frame {
     pub fn new(json: String, key: u64) -> Self {
-        Self { text: Utf8Bytes::from(json), key }
+        Self { text: Utf8Bytes::from(json), key, identified: false }
+    }
+
+    /// A frame for a message that carried a `message_id` (see [`Frame::identified`]).
+    pub fn identified(json: String, key: u64) -> Self {
+        Self { identified: true, ..Self::new(json, key) }
+    }
+
+    pub fn is_identified(&self) -> bool {
+        self.identified
     }
 
     pub fn into_text(self) -> Utf8Bytes {
@@ -322,6 +335,15 @@ impl Live {
         match self {
             Self::Memory(sub) => sub.next().await,
             Self::Rabbit(sub) => sub.next().await,
+        }
+    }
+
+    /// Counts a second copy of a message that the session dropped.
+    fn count_duplicate(&self) {
+        // On the embedded bus (and in process mode, whose queue drops them first) there are
+        // none to count.
+        if let Self::Rabbit(sub) = self {
+            sub.count_duplicate();
         }
     }
 }

@@ -86,7 +86,8 @@ pub struct Resume {
     /// if the message is not (or not yet) in the window.
     last_next: u64,
     /// Keys of the last messages delivered: a catch-up that starts a little early (see
-    /// `catch_up`) skips these instead of sending them twice.
+    /// `catch_up`) skips these instead of sending them twice, and a second copy of one that
+    /// carried a message id (a publish sent again) is dropped.
     recent: [u64; RECENT_KEYS],
     /// `recent` as it was when the catch-up began: what the replay skips. (The replay's own
     /// messages go into `recent` too, and would push out the ones to skip.) Held only while
@@ -125,7 +126,17 @@ struct Pending {
 impl Resume {
     /// The next event; cancel-safe, as [`super::Subscription::next`] is.
     pub async fn next(&mut self) -> Option<Event> {
-        let event = self.next_event().await;
+        let event = match self.next_event().await {
+            // A second copy of a message it was sent: a publish sent again after its confirm
+            // was lost with its connection (same id, body and timestamp, so the same key).
+            Some(Event::Message(frame, ack))
+                if frame.is_identified() && self.recent.contains(&frame.key()) =>
+            {
+                self.live.count_duplicate();
+                return Some(Event::Duplicate(ack));
+            }
+            event => event,
+        };
         match &event {
             Some(Event::Message(frame, _)) => {
                 self.last_key = Some(frame.key());

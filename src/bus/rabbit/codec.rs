@@ -36,14 +36,15 @@ fn decode_as_is(body: Vec<u8>, p: &BasicProperties) -> (Frame, Envelope, bool) {
     };
     // The same for the copy in a session's queue and the copy in the history stream.
     let key = history::key_of((&body, foreign.message_id, foreign.timestamp, foreign.app_id));
+    let make = if foreign.message_id.is_some() { Frame::identified } else { Frame::new };
     match Envelope::from_delivery(&body, foreign) {
         // An envelope parsed from JSON is valid UTF-8, so this is a check, not a copy.
         Decoded::Envelope(envelope) => match String::from_utf8(body) {
-            Ok(json) => (Frame::new(json, key), envelope, true),
-            Err(e) => (Frame::new(String::from_utf8_lossy(e.as_bytes()).into_owned(), key), envelope, false),
+            Ok(json) => (make(json, key), envelope, true),
+            Err(e) => (make(String::from_utf8_lossy(e.as_bytes()).into_owned(), key), envelope, false),
         },
         Decoded::Reencoded(envelope) | Decoded::Wrapped(envelope) => {
-            (Frame::new(envelope.to_json(), key), envelope, false)
+            (make(envelope.to_json(), key), envelope, false)
         }
     }
 }

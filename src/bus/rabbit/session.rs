@@ -25,10 +25,6 @@ use tokio::{
     task::JoinHandle,
 };
 
-/// How many of a session's last message keys it remembers, to drop a second copy of one (a
-/// publish sent again after its confirm was lost with its connection).
-const RECENT_KEYS: usize = 64;
-
 /// Longest wait for a session's queue and consumer to be made.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 use tokio_util::sync::CancellationToken;
@@ -77,8 +73,6 @@ impl RabbitBus {
             restores: 0,
             queue,
             state: State::Active(active),
-            recent: [0; RECENT_KEYS],
-            recent_at: 0,
             cancel: self.0.shutdown.child_token(),
         })))
     }
@@ -168,9 +162,6 @@ pub struct RabbitSubscription {
     /// The current queue's name.
     queue: String,
     state: State,
-    /// The keys of the last messages delivered (those with a message id), in a ring.
-    recent: [u64; RECENT_KEYS],
-    recent_at: usize,
     /// Stops a restore task once the session is gone.
     cancel: CancellationToken,
 }
@@ -185,6 +176,10 @@ impl Drop for RabbitSubscription {
 }
 
 impl RabbitSubscription {
+    pub(crate) fn count_duplicate(&self) {
+        self.bus.0.metrics.duplicates_dropped.fetch_add(1, Relaxed);
+    }
+
     pub async fn next(&mut self) -> Option<Event> {
         match &mut self.state {
             State::Active(active) => {
@@ -224,17 +219,10 @@ impl RabbitSubscription {
                             if data.len() > self.bus.0.max_frame_bytes {
                                 return Some(Event::Oversized { bytes: data.len(), ack });
                             }
+                            // A second copy (a publish sent again after its confirm was lost)
+                            // is dropped by the session's `Resume`, which remembers the keys of
+                            // what it sent.
                             let frame = self.bus.0.frames.frame(data, &properties);
-                            if properties.message_id().is_some() {
-                                // A copy seen already: a publish sent again after its confirm
-                                // was lost (same id, body and timestamp, so the same key).
-                                if self.recent.contains(&frame.key()) {
-                                    self.bus.0.metrics.duplicates_dropped.fetch_add(1, Relaxed);
-                                    return Some(Event::Duplicate(Some(ack)));
-                                }
-                                self.recent[self.recent_at % RECENT_KEYS] = frame.key();
-                                self.recent_at += 1;
-                            }
                             return Some(Event::Message(frame, Some(ack)));
                         }
                         Some(Err(e)) => e.to_string(),
