@@ -6,7 +6,9 @@
 
 use std::{
     net::IpAddr,
+    pin::Pin,
     sync::atomic::Ordering::Relaxed,
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -386,6 +388,19 @@ enum Written {
 /// up to the send timeout.
 async fn wait_for_socket(state: &AppState, write: impl Future<Output = Result<(), axum::Error>>) -> Written {
     let mut write = std::pin::pin!(write);
+    // Almost always the socket takes the write at once: then no clock is read and no timer is
+    // set up, and the waiting below (boxed) does not make every session's task larger.
+    if let Poll::Ready(result) = futures_util::poll!(write.as_mut()) {
+        return Written::Done(result);
+    }
+    Box::pin(wait_longer(state, write)).await
+}
+
+/// [`wait_for_socket`] once the socket did not take the write at once.
+async fn wait_longer(
+    state: &AppState,
+    mut write: Pin<&mut impl Future<Output = Result<(), axum::Error>>>,
+) -> Written {
     let until = Instant::now() + state.config.ws.send_timeout;
     let grace = state.config.ws.send_timeout.min(STALL_GRACE);
     tokio::select! {
