@@ -125,6 +125,11 @@ pub enum Event {
     Message(Frame, Option<Ack>),
     /// This many messages were dropped because the session fell behind.
     Gap(u64),
+    /// The session fell more than the in-process channel holds behind it (the embedded bus,
+    /// or process mode): it missed this many messages, the ones right before the channel's
+    /// next. Its [`history::Resume`] replays them from the window, in order, and makes a
+    /// [`Event::Gap`] of what the window no longer has; never sent to a browser as it is.
+    Behind(u64),
     /// A message (from another service) too large for a WebSocket frame was skipped;
     /// acknowledge it once the browser was told.
     Oversized { bytes: usize, ack: Ack },
@@ -335,6 +340,14 @@ impl Live {
         match self {
             Self::Memory(sub) => sub.next().await,
             Self::Rabbit(sub) => sub.next().await,
+        }
+    }
+
+    /// Counts messages the session fell behind the in-process channel by (replayed from the
+    /// window where it has them).
+    fn count_skipped(&self, missed: u64) {
+        if let Self::Memory(sub) = self {
+            sub.count_skipped(missed);
         }
     }
 

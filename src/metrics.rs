@@ -205,7 +205,7 @@ const COUNTERS: [(&str, &str, Reading); 17] = [
     }),
     (
         "fanout_chat_messages_skipped_total",
-        "messages a session skipped: it fell behind (embedded bus) or the message was too large",
+        "messages a session fell behind the in-process channel by (embedded bus, process mode; replayed from the history window while it has them), or too large to send",
         |f| &f.skipped,
     ),
     ("fanout_chat_rejected_frames_total", "WebSocket frames refused (binary, oversized, invalid)", |f| {

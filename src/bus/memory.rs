@@ -2,8 +2,9 @@
 //!
 //! Every session sees every message published through this process, and nothing else: two
 //! replicas on this bus do not see each other, which is why start-up warns loudly about it.
-//! A session that falls more than the channel's capacity behind skips ahead and is told how
-//! many messages it missed: a slow session is never waited for.
+//! A session that falls more than the channel's capacity behind skips ahead: it is never waited
+//! for. What it skipped is replayed to it from the history window, in order, and it is told how
+//! many messages it missed only when the window no longer has them.
 //!
 //! The RabbitMQ bus in `process` fan-out mode uses the same channel to hand the messages of
 //! its one per-process queue to the sessions, with notices of broker outages in between.
@@ -98,6 +99,10 @@ pub struct MemorySubscription {
 }
 
 impl MemorySubscription {
+    pub(super) fn count_skipped(&self, missed: u64) {
+        self.metrics.skipped.fetch_add(missed, Relaxed);
+    }
+
     /// Cancel-safe: `recv` is, and what is taken meanwhile is held, not dropped.
     pub async fn next(&mut self) -> Option<Event> {
         let item = match self.held.take() {
@@ -127,10 +132,8 @@ impl MemorySubscription {
                 }
                 Some(Event::Gap(count))
             }
-            Err(broadcast::error::RecvError::Lagged(missed)) => {
-                self.metrics.skipped.fetch_add(missed, Relaxed);
-                Some(Event::Gap(missed))
-            }
+            // Replayed from the history window where it has them (see `Event::Behind`).
+            Err(broadcast::error::RecvError::Lagged(missed)) => Some(Event::Behind(missed)),
             Err(broadcast::error::RecvError::Closed) => None,
         }
     }

@@ -240,7 +240,10 @@ impl Session {
                 acks.extend(ack);
                 Ok(())
             }
-            Event::Gap(missed) => self.feed_json(json!({ "type": "gap", "missed": missed })).await,
+            // `Behind` is made a gap by the subscription when it cannot replay; never seen here.
+            Event::Gap(missed) | Event::Behind(missed) => {
+                self.feed_json(json!({ "type": "gap", "missed": missed })).await
+            }
             Event::Oversized { bytes, ack } => {
                 self.state.metrics.skipped.fetch_add(1, Relaxed);
                 let reason = format!("a message of {bytes} bytes was too large to deliver");

@@ -126,16 +126,31 @@ struct Pending {
 impl Resume {
     /// The next event; cancel-safe, as [`super::Subscription::next`] is.
     pub async fn next(&mut self) -> Option<Event> {
-        let event = match self.next_event().await {
-            // A second copy of a message it was sent: a publish sent again after its confirm
-            // was lost with its connection (same id, body and timestamp, so the same key).
-            Some(Event::Message(frame, ack))
-                if frame.is_identified() && self.recent.contains(&frame.key()) =>
-            {
-                self.live.count_duplicate();
-                return Some(Event::Duplicate(ack));
+        let event = loop {
+            match self.next_event().await {
+                // A second copy of a message it was sent: a publish sent again after its confirm
+                // was lost with its connection (same id, body and timestamp, so the same key).
+                Some(Event::Message(frame, ack))
+                    if frame.is_identified() && self.recent.contains(&frame.key()) =>
+                {
+                    self.live.count_duplicate();
+                    return Some(Event::Duplicate(ack));
+                }
+                // The in-process channel moved on without this session: what it skipped comes
+                // right before the channel's next message, so a replay from the window after
+                // the last message it got, handed over to the channel as after an outage,
+                // sends them in order. A replay under way covers them already.
+                Some(Event::Behind(missed)) => {
+                    self.live.count_skipped(missed);
+                    if self.history.capacity() == 0 {
+                        return Some(Event::Gap(missed));
+                    }
+                    if !matches!(self.phase, Phase::Replay { .. }) {
+                        self.catch_up();
+                    }
+                }
+                event => break event,
             }
-            event => event,
         };
         match &event {
             Some(Event::Message(frame, _)) => {
@@ -360,6 +375,46 @@ mod tests {
                 Event::Restored => seen.push(Seen::Note("restored".into())),
                 Event::Duplicate(_) => seen.push(Seen::Note("dup".into())),
                 _ => {}
+            }
+        }
+    }
+
+    /// A session that falls behind its in-process channel (the embedded bus, process mode)
+    /// gets what the channel skipped from the window, in order, with no gap notice; a notice
+    /// only for what the window no longer has.
+    #[tokio::test(start_paused = true)]
+    async fn a_session_behind_its_channel_gets_what_it_skipped_from_the_window() {
+        for (window, expected_gap) in [(100, None), (10, Some(Seen::Note("gap40".into())))] {
+            let history = History::new(window);
+            let live = MemoryBus::new(4, None, Arc::new(Metrics::default()));
+            let mut resume = history.follow(Live::Memory(live.subscribe()));
+            // Published while the session did not read: the channel holds only the last 4.
+            for n in 0..50u64 {
+                let frame = Frame::from(format!("{{\"n\":{n}}}"));
+                history.append(NewEntry {
+                    id: format!("m{n}").into(),
+                    ts_millis: 0,
+                    offset: None,
+                    frame: frame.clone(),
+                });
+                live.send_frame(frame);
+            }
+            let mut seen = Vec::new();
+            drain(&mut resume, &mut seen).await;
+            let shown: Vec<u64> =
+                seen.iter().filter_map(|s| if let Seen::Message(n) = s { Some(*n) } else { None }).collect();
+            let notices: Vec<&Seen> =
+                seen.iter().filter(|s| matches!(s, Seen::Note(n) if n.starts_with("gap"))).collect();
+            match expected_gap {
+                None => {
+                    assert_eq!(shown, (0..50).collect::<Vec<_>>(), "all of it, in order: {seen:?}");
+                    assert!(notices.is_empty(), "no gap notice: {seen:?}");
+                }
+                Some(gap) => {
+                    // The window kept the last 10: those are replayed; the 40 before are told.
+                    assert_eq!(shown, (40..50).collect::<Vec<_>>(), "{seen:?}");
+                    assert_eq!(notices, [&gap], "{seen:?}");
+                }
             }
         }
     }
