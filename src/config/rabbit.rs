@@ -72,8 +72,9 @@ pub enum FanoutMode {
     #[default]
     Session,
     /// One queue per process; the process copies each message to its sessions in memory
-    /// (per-session bounded buffers of `NOTIFIER_MEMORY_CAPACITY`; a slow session skips ahead
-    /// and is told). Far fewer broker deliveries at thousands of sessions.
+    /// (per-session bounded buffers of `NOTIFIER_MEMORY_CAPACITY`; a slow session skips ahead,
+    /// and gets what it skipped from the history window). Far fewer broker deliveries at
+    /// thousands of sessions.
     Process,
 }
 
