@@ -167,11 +167,13 @@ impl Session {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ping.tick().await;
         let mut last_heard = Instant::now();
+        // Made once, not per turn of the loop: each new one registers a waiter under a lock.
+        let mut stopping = std::pin::pin!(shutdown.cancelled());
         loop {
             // Unbiased: a subscription that always has a delivery ready must not starve the
             // socket (the browser's frames, its Close, our pings).
             let step = tokio::select! {
-                () = shutdown.cancelled() => return End::Close(close_code::AWAY, "server shutting down"),
+                () = &mut stopping => return End::Close(close_code::AWAY, "server shutting down"),
                 event = self.subscription.next() => match event {
                     Some(event) => self.deliver_batch(event).await,
                     None => return End::Close(close_code::AWAY, "message bus closed"),

@@ -14,7 +14,7 @@ use std::{
 
 use super::lanes::{LaneLink, LaneState};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Consumer,
     options::BasicConsumeOptions,
@@ -183,25 +183,33 @@ impl RabbitSubscription {
     pub async fn next(&mut self) -> Option<Event> {
         match &mut self.state {
             State::Active(active) => {
-                let delivered = loop {
-                    tokio::select! {
-                        delivered = active.consumer.next() => break Ok(delivered),
-                        () = self.entry.notify.notified() => {
-                            let missed = self.entry.dropped.swap(0, Relaxed);
-                            if missed > 0 {
-                                return Some(Event::Gap(missed));
+                // A delivery ready now is taken at once: a session in a burst then registers no
+                // waiter on its drop notice and lane state per delivery. Those are looked at
+                // whenever none is ready, which a lost connection soon makes so.
+                let ready = active.consumer.next().now_or_never();
+                let delivered = if let Some(delivered) = ready {
+                    Ok(delivered)
+                } else {
+                    loop {
+                        tokio::select! {
+                            delivered = active.consumer.next() => break Ok(delivered),
+                            () = self.entry.notify.notified() => {
+                                let missed = self.entry.dropped.swap(0, Relaxed);
+                                if missed > 0 {
+                                    return Some(Event::Gap(missed));
+                                }
                             }
-                        }
-                        changed = active.watch.changed() => {
-                            if changed.is_err() {
-                                return None;
-                            }
-                            let still_up = matches!(
-                                &*active.watch.borrow_and_update(),
-                                LaneState::Up(link) if link.generation == active.generation
-                            );
-                            if !still_up {
-                                break Err("the broker connection was lost".to_owned());
+                            changed = active.watch.changed() => {
+                                if changed.is_err() {
+                                    return None;
+                                }
+                                let still_up = matches!(
+                                    &*active.watch.borrow_and_update(),
+                                    LaneState::Up(link) if link.generation == active.generation
+                                );
+                                if !still_up {
+                                    break Err("the broker connection was lost".to_owned());
+                                }
                             }
                         }
                     }
