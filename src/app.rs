@@ -69,6 +69,7 @@ impl Application {
             origin_log: Arc::new(Throttle::new(Duration::from_secs(60))),
             page_budget: Arc::new(Semaphore::new(PAGE_BUDGET_KIB)),
             stalled,
+            idempotency: Arc::default(),
         };
         Ok(Self { listener, state, bus_shutdown })
     }

@@ -35,6 +35,26 @@ impl Envelope {
         Self { id: next_id(), text: message.text, user: message.user, ts: rfc3339_millis(now), from: None }
     }
 
+    /// As [`Envelope::new`] (or [`Envelope::from_service`] with `service`), with the random
+    /// part of the id given: the message an `Idempotency-Key` stands for (see
+    /// [`crate::idempotency`]), which every replica finds in the history window by that part.
+    pub fn with_random(message: NewMessage, service: Option<&str>, random: u128) -> Self {
+        let now = OffsetDateTime::now_utc();
+        let millis = u64::try_from(now.unix_timestamp_nanos() / 1_000_000).unwrap_or(0);
+        Self {
+            id: ulid::Ulid::from_parts(millis, random).to_string(),
+            text: message.text,
+            user: message.user,
+            ts: rfc3339_millis(now),
+            from: service.map(str::to_owned),
+        }
+    }
+
+    /// Whether this envelope carries `message` (its text and sender).
+    pub fn carries(&self, message: &NewMessage) -> bool {
+        self.text == message.text && self.user == message.user
+    }
+
     /// As [`Envelope::new`], for a message posted with the service key named `key`.
     pub fn from_service(message: NewMessage, key: &str) -> Self {
         Self { from: Some(key.to_owned()), ..Self::new(message) }

@@ -8,6 +8,7 @@
 //! - [`app`]: building, serving and shutting down the whole.
 //! - [`serve`]: HTTP on each accepted connection, with header and idle timeouts.
 //! - [`limits`]: message rates and session counts, per client and global (429s).
+//! - [`idempotency`]: `Idempotency-Key` on `POST /messages`: a retry publishes at most once.
 //! - [`metrics`]: the figures exported at `/metrics`.
 //! - [`telemetry`]: log set-up (human text or JSON lines).
 
@@ -16,6 +17,7 @@ pub mod bus;
 pub mod chat;
 pub mod config;
 pub mod http;
+pub mod idempotency;
 pub mod limits;
 pub mod metrics;
 pub mod serve;

@@ -42,6 +42,8 @@ pub struct AppState {
     /// Places for sessions whose browser stopped reading, each worth what such a session can
     /// hold (see [`stalled_session_places`]); a session that finds none is closed.
     pub stalled: Arc<Semaphore>,
+    /// The `Idempotency-Key`s of `POST /messages` this replica has seen.
+    pub idempotency: Arc<crate::idempotency::Keys>,
 }
 
 /// How long a session's socket may take nothing before the session counts as stalled.

@@ -1150,7 +1150,25 @@
   }
 
   // POST /messages: `{ res, data }`, or `{ failure: "timeout" | "network" }`.
-  async function postMessage(payload) {
+  // An Idempotency-Key per message (not per attempt): when a POST times out or
+  // fails, sending the same message again publishes it at most once.
+  function newIdempotencyKey() {
+    if (crypto.randomUUID) return crypto.randomUUID();
+    // Pages served over plain http (not localhost) have no randomUUID.
+    return Array.from(crypto.getRandomValues(new Uint8Array(16)), (b) => b.toString(16).padStart(2, "0")).join("");
+  }
+
+  // The key of what is in the box: the same text and name sent again (after a
+  // timeout, say) reuse it; anything else gets a new one.
+  let boxKey = null;
+  function keyForBox(payload) {
+    if (!boxKey || boxKey.text !== payload.text || boxKey.user !== payload.user) {
+      boxKey = { text: payload.text, user: payload.user, key: newIdempotencyKey() };
+    }
+    return boxKey.key;
+  }
+
+  async function postMessage(payload, idempotencyKey) {
     const key = `${payload.user ?? ""}\u0000${payload.text}`;
     sending.add(key);
     const abort = new AbortController();
@@ -1158,7 +1176,11 @@
     try {
       const res = await fetch("/messages", {
         method: "POST",
-        headers: { "Content-Type": "application/json", Accept: "application/json" },
+        headers: {
+          "Content-Type": "application/json",
+          Accept: "application/json",
+          "Idempotency-Key": idempotencyKey,
+        },
         body: JSON.stringify(payload),
         signal: abort.signal,
       });
@@ -1240,7 +1262,7 @@
     const state = document.createElement("p");
     state.className = "pending-state";
     el.append(text, state);
-    const entry = { payload, el, state: "" };
+    const entry = { payload, el, state: "", key: newIdempotencyKey() };
     setPendingState(entry, "waiting");
     outbox.push(entry);
     ui.outbox.append(el);
@@ -1263,13 +1285,14 @@
         const entry = outbox.find((e) => e.state === "waiting");
         if (!entry || !deliveryUp) return;
         setPendingState(entry, "sending");
-        const { res, data, failure } = await postMessage(entry.payload);
+        const { res, data, failure } = await postMessage(entry.payload, entry.key);
         if (res?.ok) {
           outbox.splice(outbox.indexOf(entry), 1);
           entry.el.remove();
           accepted(data);
         } else if (failure === "network" || (res && (res.status === 429 || res.status >= 500))) {
-          // Not taken; nothing was published. Wait, then try again in order.
+          // Not taken (or not confirmed in time: the same key makes the retry safe).
+          // Wait, then try again in order.
           setPendingState(entry, "waiting");
           const wait = res?.status === 429 ? parseRetryAfter(res.headers.get("Retry-After")) : 0;
           retryFlushIn(Math.max(wait * 1000, OUTBOX_RETRY_MS));
@@ -1323,7 +1346,7 @@
     clearError("network");
     updateSendButton();
     try {
-      const { res, data, failure } = await postMessage(payload);
+      const { res, data, failure } = await postMessage(payload, keyForBox(payload));
       if (failure) {
         showError(
           failure === "timeout"
@@ -1335,6 +1358,7 @@
       }
       if (res.ok) {
         accepted(data);
+        boxKey = null;
         // Only clear what was sent: the user may have kept typing meanwhile.
         if (ui.text.value === text) {
           ui.text.value = "";

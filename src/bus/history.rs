@@ -187,6 +187,14 @@ impl History {
         self.0.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The frame of the message in the window whose id is a ULID with this random part.
+    pub fn find_random(&self, random: u128) -> Option<Frame> {
+        let window = self.window();
+        let seq = *window.by_random.get(&random)?;
+        let at = usize::try_from(seq.checked_sub(window.first_seq)?).ok()?;
+        window.entries.get(at).map(|e| e.frame.clone())
+    }
+
     /// The window holds a message with this key (see [`crate::bus::Frame::key`]).
     pub fn holds_key(&self, key: u64) -> bool {
         self.window().by_key.contains_key(&key)

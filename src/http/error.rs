@@ -49,6 +49,12 @@ pub enum AppError {
     ForbiddenOrigin,
     #[error("the page could not be rendered")]
     Render(#[from] askama::Error),
+    /// Another request with the same `Idempotency-Key` is still waiting for the broker.
+    #[error("a request with this Idempotency-Key is still being published; retry once it is answered")]
+    KeyInFlight,
+    /// The `Idempotency-Key` was used for another message.
+    #[error("this Idempotency-Key was used for a different message; use a new key for a new message")]
+    KeyReused,
 }
 
 impl AppError {
@@ -69,6 +75,8 @@ impl AppError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::ForbiddenOrigin => StatusCode::FORBIDDEN,
             Self::Render(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::KeyInFlight => StatusCode::CONFLICT,
+            Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
         }
     }
 
@@ -80,6 +88,13 @@ impl AppError {
             Self::Bus(BusError::Blocked(_)) => {
                 "the message broker is refusing new messages for now (it is short \
                  of memory or disk space); nothing was published, try again later"
+                    .into()
+            }
+            // The confirm did not come in time: the message may still go out.
+            Self::Bus(BusError::Timeout(_)) => {
+                "the message broker did not confirm the message in time; it may still be delivered. \
+                 To retry without the risk of sending it twice, send it again with the same \
+                 Idempotency-Key header"
                     .into()
             }
             Self::Bus(_) => {
@@ -103,6 +118,7 @@ impl IntoResponse for AppError {
             // An alarm clears when the broker frees memory or disk: not within a second.
             Self::Bus(BusError::Blocked(_)) => Some(5),
             _ if status == StatusCode::SERVICE_UNAVAILABLE => Some(1),
+            Self::KeyInFlight => Some(1),
             _ => None,
         };
         if let Some(secs) = retry_after {

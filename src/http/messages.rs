@@ -20,7 +20,8 @@ use super::{
     error::AppError,
 };
 use crate::{
-    chat::{Draft, Envelope, is_from_the_future},
+    chat::{Draft, Envelope, NewMessage, is_from_the_future},
+    idempotency::{Claim, Settle, is_valid_key, key_form, random_part},
     state::AppState,
 };
 
@@ -33,7 +34,7 @@ pub async fn post_message(
     caller: Caller,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Envelope>), AppError> {
+) -> Result<(StatusCode, HeaderMap, Json<Envelope>), AppError> {
     match &caller {
         Caller::Service(key) => {
             let result = publish(&state, Some(key), &headers, body).await;
@@ -54,7 +55,7 @@ async fn publish(
     key: Option<&Arc<str>>,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(StatusCode, Json<Envelope>), AppError> {
+) -> Result<(StatusCode, HeaderMap, Json<Envelope>), AppError> {
     if let Some(key) = key {
         state.limits.check_key_message(key)?;
     }
@@ -65,14 +66,65 @@ async fn publish(
         )),
         _ => AppError::BadRequest(rejection.body_text()),
     })?;
+    let idempotency_key = idempotency_key(headers)?;
     let draft = parse_body(headers, &body)?;
     let message = draft.validate(state.config.messages.max_bytes)?;
-    let envelope = match key {
-        Some(key) => Envelope::from_service(message, key),
-        None => Envelope::new(message),
+    let Some(idempotency_key) = idempotency_key else {
+        let envelope = match key {
+            Some(key) => Envelope::from_service(message, key),
+            None => Envelope::new(message),
+        };
+        state.publish(&envelope).await?;
+        return Ok((StatusCode::ACCEPTED, HeaderMap::new(), Json(envelope)));
     };
-    state.publish(&envelope).await?;
-    Ok((StatusCode::ACCEPTED, Json(envelope)))
+    publish_once(state, key.map(|k| &**k), idempotency_key, message).await
+}
+
+/// The `Idempotency-Key` header, if any, checked.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<&str>, AppError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key =
+        value.to_str().ok().filter(|k| is_valid_key(k)).ok_or_else(|| AppError::BadRequest(key_form()))?;
+    Ok(Some(key))
+}
+
+/// Publishes `message` at most once for `key` (see [`crate::idempotency`]). A request answered
+/// from an earlier one says so in `Idempotent-Replayed: true`.
+async fn publish_once(
+    state: &AppState,
+    service: Option<&str>,
+    key: &str,
+    message: NewMessage,
+) -> Result<(StatusCode, HeaderMap, Json<Envelope>), AppError> {
+    let scope = service.unwrap_or("anonymous");
+    let random = random_part(scope, key);
+    let replayed = |envelope: Envelope| {
+        let mut headers = HeaderMap::new();
+        headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
+        Ok((StatusCode::ACCEPTED, headers, Json(envelope)))
+    };
+    // Published already, through this replica or another: the history window has it.
+    if let Some(frame) = state.bus.history().find_random(random)
+        && let Ok(envelope) = serde_json::from_str::<Envelope>(frame.text())
+    {
+        if !envelope.carries(&message) {
+            return Err(AppError::KeyReused);
+        }
+        return replayed(envelope);
+    }
+    let fresh = || Envelope::with_random(message.clone(), service, random);
+    match state.idempotency.claim(scope, key, &message, fresh) {
+        Claim::Publish(envelope) => {
+            let settle = Settle::new(&state.idempotency, scope, key);
+            let published = state.publish(&envelope).await;
+            settle.finish(published.is_ok());
+            published?;
+            Ok((StatusCode::ACCEPTED, HeaderMap::new(), Json(envelope)))
+        }
+        Claim::Done(envelope) => replayed(envelope),
+        Claim::InFlight => Err(AppError::KeyInFlight),
+        Claim::Mismatch => Err(AppError::KeyReused),
+    }
 }
 
 /// Default and largest page of `GET /messages`, in messages.

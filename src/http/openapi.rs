@@ -84,6 +84,10 @@ pub async fn serve() -> Response {
     description = "Publishes one message to every open session (and to every consumer of the exchange). \
                    Accepted (202) only once the broker confirmed it. A caller with a service key sends \
                    `Authorization: Bearer <key>` and is named in `from`; a browser must come from an allowed origin.",
+    params(
+        ("Idempotency-Key" = Option<String>, Header,
+            description = "Makes a retry safe: requests with the same key (per service key, or among anonymous callers) publish at most once. 1 to 255 visible ASCII characters, a UUID for example. A retry of a published message answers 202 with its envelope and `Idempotent-Replayed: true`; after a 503 it publishes the same envelope again, which consumers drop as a copy if the first went out."),
+    ),
     request_body(
         description = "The message: `text` (required, at most the configured bytes) and `user` (optional, at most 64 bytes).",
         content(
@@ -92,8 +96,9 @@ pub async fn serve() -> Response {
         )
     ),
     responses(
-        (status = 202, description = "Published and confirmed by the broker", body = Envelope),
-        (status = 400, description = "Not a valid message (no text, control characters, bad JSON or form)", body = ErrorBody),
+        (status = 202, description = "Published and confirmed by the broker", body = Envelope,
+            headers(("Idempotent-Replayed" = String, description = "`true` when an earlier request with the same Idempotency-Key published it"))),
+        (status = 400, description = "Not a valid message (no text, control characters, bad JSON or form), or a malformed Idempotency-Key", body = ErrorBody),
         (status = 401, description = "An Authorization header that is not a valid API key", body = ErrorBody,
             headers(("WWW-Authenticate" = String, description = "Bearer realm=\"fanout-chat\", error=\"invalid_token\""))),
         (status = 403, description = "A browser request from an origin that may not use this server", body = ErrorBody),
@@ -101,7 +106,10 @@ pub async fn serve() -> Response {
         (status = 415, description = "Neither JSON nor a form", body = ErrorBody),
         (status = 429, description = "Over the caller's message rate", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
-        (status = 503, description = "The broker is unavailable, refusing publishes, or did not confirm in time; nothing was published", body = ErrorBody,
+        (status = 409, description = "A request with the same Idempotency-Key is still waiting for the broker", body = ErrorBody,
+            headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 422, description = "The Idempotency-Key was used for a different message", body = ErrorBody),
+        (status = 503, description = "The broker is unavailable or refusing publishes (nothing was published), or did not confirm in time (it may still be delivered: retry with the same Idempotency-Key)", body = ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait"))),
     )
 )]

@@ -10,6 +10,7 @@ mod chaos;
 mod faults;
 mod helpers;
 mod history;
+mod idempotency;
 mod interop;
 mod limits;
 mod messages;

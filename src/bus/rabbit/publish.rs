@@ -28,7 +28,9 @@ impl RabbitBus {
         let properties = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_message_id(envelope.id.as_str().into())
-            .with_timestamp(unix_now())
+            // From the envelope, not the clock: a message published again (a lost confirm, an
+            // Idempotency-Key retry) is then the same to the letter, and dropped as a copy.
+            .with_timestamp(u64::try_from(envelope.ts_millis() / 1000).unwrap_or_else(|_| unix_now()))
             .with_app_id("fanout-chat".into())
             // Persistent, for the durable queues other services may bind; the sessions'
             // own queues are transient and ignore it.
