@@ -24,11 +24,12 @@ use crate::chat::{Envelope, NewMessage};
 
 /// Longest key, in bytes. Keys are visible ASCII (a UUID is the usual choice).
 pub const MAX_KEY_BYTES: usize = 255;
-/// Keys remembered per replica: the oldest are forgotten first.
-const REMEMBERED: usize = 10_000;
-/// How long a key is remembered by this replica. (The history window remembers its message
-/// for as long as it holds it.)
-const REMEMBERED_FOR: Duration = Duration::from_secs(24 * 60 * 60);
+/// Keys remembered per replica: the oldest are forgotten first. Each holds its envelope, so
+/// this bounds their memory at 2,000 of the largest messages (8 MiB at the default limit).
+const REMEMBERED: usize = 2_000;
+/// How long a key is remembered by this replica. Retries come within seconds or minutes; the
+/// history window answers for its message for as long as it holds it, on every replica.
+const REMEMBERED_FOR: Duration = Duration::from_secs(60 * 60);
 
 /// Whether `key` has a key's form: 1 to [`MAX_KEY_BYTES`] visible ASCII characters.
 pub fn is_valid_key(key: &str) -> bool {
@@ -224,6 +225,23 @@ mod tests {
             keys.claim("billing", "k1", &message("hello"), || unreachable!()),
             Claim::Publish(_)
         ));
+    }
+
+    #[test]
+    fn a_replica_remembers_a_bounded_number_of_keys_oldest_forgotten_first() {
+        let keys = Keys::default();
+        let fresh = || Envelope::with_random(message("m"), None, 1);
+        for n in 0..=REMEMBERED {
+            assert!(matches!(
+                keys.claim("anonymous", &n.to_string(), &message("m"), fresh),
+                Claim::Publish(_)
+            ));
+            keys.settle("anonymous", &n.to_string(), true);
+        }
+        // The next claim forgets the oldest: key 0 is new again, key 1 still known.
+        assert!(matches!(keys.claim("anonymous", "1", &message("m"), fresh), Claim::Done(_)));
+        assert!(matches!(keys.claim("anonymous", "0", &message("m"), fresh), Claim::Publish(_)));
+        assert!(keys.0.lock().unwrap().by_key.len() <= REMEMBERED + 1);
     }
 
     #[test]
