@@ -175,7 +175,10 @@ impl Session {
             let step = tokio::select! {
                 () = &mut stopping => return End::Close(close_code::AWAY, "server shutting down"),
                 event = self.subscription.next() => match event {
-                    Some(event) => self.deliver_batch(event).await,
+                    // Boxed: a batch's writes are a few hundred bytes of state that every
+                    // session's task would otherwise carry while it waits, for one small
+                    // allocation per batch.
+                    Some(event) => Box::pin(self.deliver_batch(event)).await,
                     None => return End::Close(close_code::AWAY, "message bus closed"),
                 },
                 incoming = self.socket.recv() => {
