@@ -26,9 +26,14 @@ pub fn amqp_url() -> String {
 
 /// Awaits `future`, failing the test with `what` if it takes longer than [`WAIT`].
 pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
-    match tokio::time::timeout(WAIT, future).await {
+    within_for(WAIT, what, future).await
+}
+
+/// [`within`], with a bound of its own.
+pub async fn within_for<T>(bound: Duration, what: &str, future: impl Future<Output = T>) -> T {
+    match tokio::time::timeout(bound, future).await {
         Ok(value) => value,
-        Err(_) => panic!("timed out after {WAIT:?} waiting for {what}"),
+        Err(_) => panic!("timed out after {bound:?} waiting for {what}"),
     }
 }
 
@@ -292,7 +297,12 @@ impl WsClient {
 
     /// The next text frame as JSON; pings and pongs are skipped. Panics on close.
     pub async fn next_frame(&mut self) -> Value {
-        within("a WebSocket frame", async {
+        self.next_frame_within(WAIT).await
+    }
+
+    /// [`Self::next_frame`], waiting up to `bound` instead of the tests' usual bound.
+    pub async fn next_frame_within(&mut self, bound: Duration) -> Value {
+        within_for(bound, "a WebSocket frame", async {
             loop {
                 match self.stream.next().await {
                     Some(Ok(Message::Text(text))) => {

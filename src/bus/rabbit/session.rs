@@ -293,8 +293,12 @@ async fn restore(
             Err(e) => {
                 attempt = attempt.saturating_add(1);
                 tracing::debug!(%queue, error = %e, attempt, "restoring the session queue failed; retrying");
+                // Until the backoff ends, or at once when a connection comes up (or goes): an
+                // attempt that failed while the node was still starting must not keep the
+                // session waiting seconds after a connection is there to take it.
                 tokio::select! {
                     () = tokio::time::sleep(backoff(attempt, Duration::from_secs(5))) => {}
+                    changed = changes.changed() => changed.ok()?,
                     () = cancel.cancelled() => return None,
                 }
             }
