@@ -355,6 +355,18 @@ mod tests {
         Note(String),
     }
 
+    /// Message `n` into the window; its frame, for the live feed.
+    fn append(history: &History, n: u64) -> Frame {
+        let frame = Frame::from(format!("{{\"n\":{n}}}"));
+        history.append(NewEntry {
+            id: format!("m{n}").into(),
+            ts_millis: 0,
+            offset: None,
+            frame: frame.clone(),
+        });
+        frame
+    }
+
     /// What the session shows until the live feed and the window go quiet.
     async fn drain(resume: &mut Resume, seen: &mut Vec<Seen>) {
         while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(30), resume.next()).await {
@@ -390,13 +402,7 @@ mod tests {
             let mut resume = history.follow(Live::Memory(live.subscribe()));
             // Published while the session did not read: the channel holds only the last 4.
             for n in 0..50u64 {
-                let frame = Frame::from(format!("{{\"n\":{n}}}"));
-                history.append(NewEntry {
-                    id: format!("m{n}").into(),
-                    ts_millis: 0,
-                    offset: None,
-                    frame: frame.clone(),
-                });
+                let frame = append(&history, n);
                 live.send_frame(frame);
             }
             let mut seen = Vec::new();
@@ -452,13 +458,7 @@ mod tests {
                 _ => {
                     let n = published;
                     published += 1;
-                    let frame = Frame::from(format!("{{\"n\":{n}}}"));
-                    history.append(NewEntry {
-                        id: format!("m{n}").into(),
-                        ts_millis: 0,
-                        offset: None,
-                        frame: frame.clone(),
-                    });
+                    let frame = append(&history, n);
                     if connected {
                         live.send_frame(frame);
                     }
@@ -474,13 +474,7 @@ mod tests {
         }
         // A last message, so that what went missing at the end is followed by something shown.
         let last = published;
-        let frame = Frame::from(format!("{{\"n\":{last}}}"));
-        history.append(NewEntry {
-            id: format!("m{last}").into(),
-            ts_millis: 0,
-            offset: None,
-            frame: frame.clone(),
-        });
+        let frame = append(&history, last);
         live.send_frame(frame);
         drain(&mut resume, &mut seen).await;
 
