@@ -22,7 +22,7 @@ use fanout_chat::{
 };
 use futures_util::StreamExt;
 use helpers::{
-    AMQP_PORT, BusKind, Service, TestApp, WsClient, service, spawn_app, spawn_app_with, test_config, within,
+    AMQP_PORT, BusKind, Service, WsClient, service, spawn_app, spawn_app_with, test_config, within,
 };
 use lapin::{
     BasicProperties, PublisherConfirm,
@@ -48,15 +48,6 @@ fn ids(messages: &[Value]) -> Vec<String> {
 
 fn page_ids(page: &Value) -> Vec<String> {
     ids(page["messages"].as_array().expect("a messages array"))
-}
-
-async fn wait_for_history(app: &TestApp, id: &str) {
-    within(&format!("message {id} to show in the history"), async {
-        while !page_ids(&app.history("?limit=500").await).iter().any(|i| i == id) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
 }
 
 /// The next text frame within `bound`, or `None`.
@@ -179,7 +170,7 @@ async fn resuming_after_a_repeated_timestamped_notification_skips_nothing_betwee
     let a = app.post_text("A, posted while away").await;
     service.publish(app.exchange(), b"build is green", props()).await;
     let live = app.post_text("live").await;
-    wait_for_history(&app, live["id"].as_str().unwrap()).await;
+    app.wait_for_history(live["id"].as_str().unwrap()).await;
     let mut back = app.connect_since(first["id"].as_str().unwrap()).await;
     let (got, _) = frames_until(&mut back, live["id"].as_str().unwrap(), Duration::from_secs(8)).await;
     let texts: Vec<_> = got.iter().map(|f| f["text"].as_str().unwrap_or("<notice>").to_owned()).collect();
@@ -200,7 +191,7 @@ async fn the_window_keeps_filling_after_the_stream_is_deleted_and_declared_again
     let app = spawn_app(BusKind::Rabbit).await;
     let stream = app.config.rabbitmq.as_ref().unwrap().history.name.clone();
     let before = app.post_text("before the stream is deleted").await;
-    wait_for_history(&app, before["id"].as_str().unwrap()).await;
+    app.wait_for_history(before["id"].as_str().unwrap()).await;
 
     // An operator deletes the stream (e.g. to change its retention), and a second replica that
     // starts meanwhile declares it again and binds it.
@@ -224,10 +215,10 @@ async fn the_window_keeps_filling_after_the_stream_is_deleted_and_declared_again
         }
     })
     .await;
-    wait_for_history(&second, after["id"].as_str().unwrap()).await;
+    second.wait_for_history(after["id"].as_str().unwrap()).await;
     let ready = app.http.get(app.url("/readyz")).send().await.unwrap().status();
     let shown =
-        tokio::time::timeout(Duration::from_secs(5), wait_for_history(&app, after["id"].as_str().unwrap()))
+        tokio::time::timeout(Duration::from_secs(5), app.wait_for_history(after["id"].as_str().unwrap()))
             .await
             .is_ok();
     // And what that does to a resuming session on the first replica.
@@ -268,7 +259,7 @@ async fn a_stalled_history_reader_makes_a_resuming_session_say_what_it_may_have_
     let (proxy, config) = proxied().await;
     let app = spawn_app_with(config).await;
     let seen = app.post_text("seen before leaving").await;
-    wait_for_history(&app, seen["id"].as_str().unwrap()).await;
+    app.wait_for_history(seen["id"].as_str().unwrap()).await;
 
     // Accepted connections: 0 publish, 1 the replica's own (the stream follower), then the
     // consumer connections that carry the sessions.
@@ -404,7 +395,7 @@ async fn pages_before_unknown_ids_do_not_starve_other_history_reads() {
     for i in 0..12 {
         posted.push(app.post_text(&format!("deep {i}")).await);
     }
-    wait_for_history(&app, posted[11]["id"].as_str().unwrap()).await;
+    app.wait_for_history(posted[11]["id"].as_str().unwrap()).await;
 
     let started = Instant::now();
     let one = app.http.get(app.url(&format!("/messages?before={}", ulid::Ulid::new()))).send().await.unwrap();
@@ -453,7 +444,7 @@ async fn pages_read_from_the_middle_of_multi_message_chunks_are_exact() {
     for c in confirms {
         c.await.unwrap();
     }
-    wait_for_history(&app, posted.last().unwrap()).await;
+    app.wait_for_history(posted.last().unwrap()).await;
     let page = app.history("?limit=10").await;
     let middle = app.history(&format!("?limit=3&before={}", posted[30])).await;
     let older = app.history(&format!("?limit=7&before={}", posted[52])).await;
@@ -483,7 +474,7 @@ async fn after_a_reconnect_the_window_follows_a_re_declared_stream_from_its_star
     for i in 0..20 {
         last = app.post_text(&format!("old stream {i}")).await;
     }
-    wait_for_history(&app, last["id"].as_str().unwrap()).await;
+    app.wait_for_history(last["id"].as_str().unwrap()).await;
 
     let service = service().await;
     service.channel.queue_delete(stream.as_str().into(), QueueDeleteOptions::default()).await.unwrap();
@@ -500,9 +491,9 @@ async fn after_a_reconnect_the_window_follows_a_re_declared_stream_from_its_star
     app.wait_until_ready().await;
 
     let new = app.post_text("on the new stream").await;
-    wait_for_history(&second, new["id"].as_str().unwrap()).await;
+    second.wait_for_history(new["id"].as_str().unwrap()).await;
     let shown =
-        tokio::time::timeout(Duration::from_secs(5), wait_for_history(&app, new["id"].as_str().unwrap()))
+        tokio::time::timeout(Duration::from_secs(5), app.wait_for_history(new["id"].as_str().unwrap()))
             .await
             .is_ok();
     second.stop_keeping_broker_state().await;
@@ -530,7 +521,7 @@ async fn paging_back_past_a_foreign_message_older_than_the_window() {
     for i in 0..4 {
         last = app.post_text(&format!("newer {i}")).await;
     }
-    wait_for_history(&app, last["id"].as_str().unwrap()).await;
+    app.wait_for_history(last["id"].as_str().unwrap()).await;
     let page = app.history("?limit=5").await;
     let messages = page["messages"].as_array().unwrap().clone();
     let foreign =
@@ -558,7 +549,7 @@ async fn resuming_mid_flood_with_two_concurrent_publishers() {
         }
         v
     };
-    wait_for_history(&app, seed[9]["id"].as_str().unwrap()).await;
+    app.wait_for_history(seed[9]["id"].as_str().unwrap()).await;
     const EACH: usize = 250;
     let publishers: Vec<_> = (0..2)
         .map(|p| {
@@ -594,7 +585,7 @@ async fn resuming_mid_flood_with_two_concurrent_publishers() {
         within("publisher", p).await.unwrap();
     }
     let end = app.post_text("the end").await;
-    wait_for_history(&app, end["id"].as_str().unwrap()).await;
+    app.wait_for_history(end["id"].as_str().unwrap()).await;
     let newest = app.history("?limit=500").await;
     let older = app.history(&format!("?limit=500&before={}", page_ids(&newest)[0])).await;
     let mut order = page_ids(&older);
@@ -639,7 +630,7 @@ async fn retention_past_a_reader_during_an_outage_is_told_to_a_session_that_resu
     let app = spawn_app_with(config).await;
     let before = app.post_text("before the outage").await;
     let before_id = before["id"].as_str().unwrap().to_owned();
-    wait_for_history(&app, &before_id).await;
+    app.wait_for_history(&before_id).await;
 
     proxy.cut().await;
     // Meanwhile another service sends 1.6 MB: retention drops the oldest segments, with the
@@ -659,7 +650,7 @@ async fn retention_past_a_reader_during_an_outage_is_told_to_a_session_that_resu
     proxy.restore().await;
     app.wait_until_ready().await;
     let last = last.unwrap();
-    wait_for_history(&app, &last).await;
+    app.wait_for_history(&last).await;
 
     let mut session = app.connect_since(&before_id).await;
     let first = frame_within(&mut session, Duration::from_secs(5)).await.expect("a frame");
@@ -685,7 +676,7 @@ async fn a_stream_deleted_during_an_outage_is_told_to_a_session_that_resumes_acr
         before = app.post_text(&format!("on the old stream {i}")).await;
     }
     let before_id = before["id"].as_str().unwrap().to_owned();
-    wait_for_history(&app, &before_id).await;
+    app.wait_for_history(&before_id).await;
 
     proxy.cut().await;
     let service = service().await;
@@ -694,7 +685,7 @@ async fn a_stream_deleted_during_an_outage_is_told_to_a_session_that_resumes_acr
     app.wait_until_ready().await;
     let after = app.post_text("on the new stream").await;
     let after_id = after["id"].as_str().unwrap().to_owned();
-    wait_for_history(&app, &after_id).await;
+    app.wait_for_history(&after_id).await;
 
     let mut session = app.connect_since(&before_id).await;
     let first = frame_within(&mut session, Duration::from_secs(5)).await.expect("a frame");
