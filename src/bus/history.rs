@@ -137,6 +137,13 @@ impl std::hash::Hasher for KeyHasher {
     }
 }
 
+impl Window {
+    /// The entry at window position `seq`, if the window holds it.
+    fn entry(&self, seq: u64) -> Option<&Entry> {
+        self.entries.get(usize::try_from(seq.checked_sub(self.first_seq)?).ok()?)
+    }
+}
+
 fn random_part(id: &str) -> Option<u128> {
     ulid::Ulid::from_string(id).ok().map(|u| u.random())
 }
@@ -190,9 +197,7 @@ impl History {
     /// The frame of the message in the window whose id is a ULID with this random part.
     pub fn find_random(&self, random: u128) -> Option<Frame> {
         let window = self.window();
-        let seq = *window.by_random.get(&random)?;
-        let at = usize::try_from(seq.checked_sub(window.first_seq)?).ok()?;
-        window.entries.get(at).map(|e| e.frame.clone())
+        window.entry(*window.by_random.get(&random)?).map(|e| e.frame.clone())
     }
 
     /// The window holds a message with this key (see [`crate::bus::Frame::key`]).
@@ -283,7 +288,7 @@ impl History {
         if seq < window.first_seq {
             return Err(window.first_seq);
         }
-        Ok(usize::try_from(seq - window.first_seq).ok().and_then(|i| window.entries.get(i)).cloned())
+        Ok(window.entry(seq).cloned())
     }
 
     /// The window position of the message with this key, if it is in the window.
