@@ -185,7 +185,8 @@ impl Session {
                     last_heard = Instant::now();
                     // Boxed: publishing what the browser sent (its confirm wait, a retry on a new
                     // link) is the largest state this loop can be in, and it is rare. Inline, it
-                    // made every session's task about 1.8 KB larger for as long as it is open.
+                    // made every session's task 1.8 KB larger (measured in a debug build) for as long
+                    // as it is open.
                     Box::pin(self.receive(incoming)).await
                 }
                 _ = ping.tick() => {

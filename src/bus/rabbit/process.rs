@@ -38,8 +38,8 @@ pub(super) async fn consume_for_process(
     let arguments = bounded_queue(config.queue_max_length, &queue);
     declare_exclusive_bound(&channel, &queue, arguments, &config.exchange, "").await?;
     // One consumer for every session of the process: with a session's prefetch (8) it waited
-    // for an ack round trip every 8 messages, and fell behind (its queue dropping) near 10,000
-    // messages/s while the app was mostly idle.
+    // for an ack round trip every 8 messages, and fell behind (its queue dropping most of
+    // them) at 10,000 messages/s in the benchmark.
     channel.basic_qos(config.prefetch.max(PROCESS_PREFETCH), BasicQosOptions { global: false }).await?;
     let mut consumer = channel
         .basic_consume(
